@@ -1,0 +1,302 @@
+"""One typed configuration schema for every run kind (teacher training, SiD distillation) and for evaluation.
+
+Precedence, lowest first: the dataclass defaults below < a YAML file (``--config FILE``) < ``key=value`` pairs on
+the command line. Every user mistake (unknown key, wrong type, impossible value, missing file) raises
+:class:`UserError` with one sentence that names the key and what is expected; entry points turn it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+# ----------------------------------------------------------------------------
+# Errors a user can act on.
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, paths, files). Entry points print it as one line and exit 2."""
+
+
+# ----------------------------------------------------------------------------
+# Schema.
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist5k"  # mnist5k | digits | folder | zip | npz | cifar10 | none (sid: no dataset)
+    path: str | None = None  # file or folder for folder / zip / npz / cifar10 (root holding cifar-10-batches-py)
+    resolution: int | None = None  # expected image size; None = whatever the data has (digits: upscale target)
+    use_labels: bool = True  # condition on class labels when the dataset has them
+    download: bool = False  # cifar10 only: let torchvision download into `path`
+    workers: int = 0  # DataLoader worker processes for file-backed datasets (folder, zip)
+
+
+@dataclass
+class NetworkConfig:
+    preset: str = "small"  # backbones.denoiser.PRESETS name (teacher training only)
+    overrides: dict[str, Any] = field(default_factory=dict)  # HybridDenoiser kwargs replacing the preset's
+
+
+@dataclass
+class TeacherConfig:
+    lr: float = 5e-4  # Adam learning rate of the denoiser
+    ssm_lr: float = 1e-3  # learning rate of S4 parameters (A, B, P, dt); no weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_kimg: float = 10.0  # linear learning-rate warm-up
+    grad_clip: float | None = 1.0  # max global gradient norm; None = off
+    label_dropout: float = 0.1  # probability of the null label, for classifier-free guidance
+    P_mean: float = -1.2  # EDM lognormal sigma distribution
+    P_std: float = 1.2
+    sigma_data: float = 0.5
+    sample_steps: int = 18  # Heun steps of the sample grids (2 * steps - 1 network evaluations)
+
+
+@dataclass
+class SiDConfig:
+    alpha: float = 1.2  # SiD loss weight alpha (DESIGN 4)
+    tmax: float = 800.0  # t ~ U(0, tmax / 1000)
+    sigma_init: float = 2.5  # generator: G(z) = D(sigma_init * z, sigma_init)
+    lr_generator: float = 1e-5
+    lr_fake_score: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    eps: float = 1e-8
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    P_mean: float = -1.2  # fake-score EDM loss
+    P_std: float = 1.2
+    sigma_data: float = 0.5
+    labels: str = "data"  # data (the dataset's label distribution) | uniform
+
+
+@dataclass
+class EMAConfig:
+    halflife_kimg: float = 500.0
+    rampup: float | None = 0.05  # effective half-life <= rampup * cur_nimg; None = no ramp-up
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = field(default_factory=lambda: ["fd_lenet"])  # fd_lenet | fid
+    num_samples: int = 2000  # samples per evaluation during training
+    batch_size: int = 250  # per-process evaluation batch
+    detector: str | None = None  # fid: path of the Inception TorchScript file
+    lenet: str = "assets/detectors/lenet_mnist5k.safetensors"  # fd_lenet detector
+    ref: str | None = None  # reference statistics .npz; None = computed from the training data
+    teacher_value: float | None = None  # drawn as a line in fd_vs_kimg.png (sid runs)
+
+
+@dataclass
+class Config:
+    kind: str = "sid"  # teacher | sid
+    run_dir: str = "runs/sid-mnist5k"
+    resume: str = "none"  # none | auto | PATH of a checkpoint file or run directory
+    seed: int = 0
+    total_kimg: float = 20.0  # run length in thousands of images
+    batch_size: int = 32  # global batch over all processes and accumulation steps
+    accum_steps: int = 1  # gradient accumulation steps per optimizer step
+    checkpoint_kimg: float = 5.0  # checkpoint every this many kimg (and at the end)
+    snapshot_kimg: float = 5.0  # sample grid every this many kimg
+    tick_kimg: float = 1.0  # status line + stats.jsonl every this many kimg
+    metrics_kimg: float = 0.0  # evaluate metrics every this many kimg; 0 = only at the end
+    mixed_precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
+    cpu: bool = False  # force CPU even when CUDA is available
+    teacher: str | None = None  # sid: a sid denoiser folder or a diffusers pipeline folder
+    grid_seeds: int = 64  # fixed seeds 0..grid_seeds-1 drawn in every sample grid
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TeacherConfig = field(default_factory=TeacherConfig)
+    sid: SiDConfig = field(default_factory=SiDConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+RUN_KINDS = ("teacher", "sid")
+DATASETS = ("mnist5k", "digits", "folder", "zip", "npz", "cifar10", "none")
+MIXED_PRECISION = ("fp32", "bf16", "fp16")
+METRICS = ("fd_lenet", "fid")
+
+# ----------------------------------------------------------------------------
+# Loading: schema < YAML < command line.
+
+
+def _schema_keys(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Flat map 'a.b' -> field type for every leaf of the schema; dict fields accept any sub-key."""
+    keys = {}
+    for f in fields(cls):
+        name = prefix + f.name
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys.update(_schema_keys(type(default), name + "."))
+        else:
+            keys[name] = f.type
+    return keys
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_key(key: str, where: str) -> None:
+    keys = _schema_keys(Config)
+    if key in keys:
+        return
+    # Sub-keys of dict-typed fields (network.overrides.d_model) are free-form.
+    for k, t in keys.items():
+        if key.startswith(k + ".") and "dict" in str(t):
+            return
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = sorted({k[len(parent):].split(".")[0] for k in keys if k.startswith(parent)})
+    if not siblings:
+        siblings = sorted({k.split(".")[0] for k in keys})
+    raise UserError(f"unknown config key '{key}' {where}; expected one of: {', '.join(siblings)}")
+
+
+def _merge(base: DictConfig, flat: dict[str, Any], where: str) -> DictConfig:
+    for key, value in flat.items():
+        _check_key(key, where)
+        try:
+            OmegaConf.update(base, key, value, merge=True)
+        except OmegaConfBaseException as e:
+            expected = str(_schema_keys(Config).get(key, "a value")).replace("typing.", "")
+            raise UserError(f"config key '{key}' {where} got {value!r}, expected {expected}") from e
+    return base
+
+
+def load_config(config_file: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve the configuration: schema defaults < YAML file < ``key=value`` overrides; then validate."""
+    cfg = OmegaConf.structured(Config)
+    if config_file is not None:
+        if not os.path.isfile(config_file):
+            raise UserError(f"config file '{config_file}' does not exist")
+        try:
+            data = OmegaConf.to_container(OmegaConf.load(config_file))
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise UserError(f"config file '{config_file}' is not valid YAML ({str(e).splitlines()[0]})") from e
+        if not isinstance(data, dict):
+            raise UserError(f"config file '{config_file}' must hold a mapping of keys, got {type(data).__name__}")
+        cfg = _merge(cfg, _flatten(data), f"in '{config_file}'")
+    flat = {}
+    for item in overrides or []:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"command-line argument '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        try:
+            flat[key.strip()] = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise UserError(f"command-line value of '{key}' cannot be parsed: {value!r}") from e
+    cfg = _merge(cfg, flat, "on the command line")
+    obj = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _dump(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+# ----------------------------------------------------------------------------
+# Validation: impossible values fail fast, naming the key.
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+def validate(cfg: Config, num_processes: int = 1) -> None:
+    """Check values that the types cannot express. ``num_processes`` is checked again once it is known."""
+    _require(cfg.kind in RUN_KINDS, f"config key 'kind' is {cfg.kind!r}, expected one of {', '.join(RUN_KINDS)}")
+    _require(cfg.total_kimg > 0, f"config key 'total_kimg' is {cfg.total_kimg}, expected a positive number")
+    _require(cfg.batch_size > 0, f"config key 'batch_size' is {cfg.batch_size}, expected a positive integer")
+    _require(cfg.accum_steps > 0, f"config key 'accum_steps' is {cfg.accum_steps}, expected a positive integer")
+    _require(
+        cfg.batch_size % (num_processes * cfg.accum_steps) == 0,
+        f"config key 'batch_size' is {cfg.batch_size}, expected a multiple of processes x accum_steps = "
+        f"{num_processes} x {cfg.accum_steps}",
+    )
+    for key in ("checkpoint_kimg", "snapshot_kimg", "tick_kimg"):
+        _require(getattr(cfg, key) > 0, f"config key '{key}' is {getattr(cfg, key)}, expected a positive number")
+    _require(cfg.metrics_kimg >= 0, f"config key 'metrics_kimg' is {cfg.metrics_kimg}, expected >= 0")
+    _require(cfg.grid_seeds > 0, f"config key 'grid_seeds' is {cfg.grid_seeds}, expected a positive integer")
+    _require(
+        cfg.mixed_precision in MIXED_PRECISION,
+        f"config key 'mixed_precision' is {cfg.mixed_precision!r}, expected one of {', '.join(MIXED_PRECISION)}",
+    )
+    _require(cfg.data.name in DATASETS, f"config key 'data.name' is {cfg.data.name!r}, expected one of "
+             f"{', '.join(DATASETS)}")
+    _require(not (cfg.kind == "teacher" and cfg.data.name == "none"), "config key 'data.name' is none, but teacher "
+             "training needs a dataset")
+    if cfg.data.name in ("folder", "zip", "npz", "cifar10"):
+        _require(cfg.data.path is not None, f"config key 'data.path' is required for data.name={cfg.data.name}")
+    if cfg.data.path is not None and not (cfg.data.name == "cifar10" and cfg.data.download):
+        _require(os.path.exists(cfg.data.path), f"config key 'data.path' is '{cfg.data.path}', which does not exist")
+    _require(cfg.data.workers >= 0, f"config key 'data.workers' is {cfg.data.workers}, expected >= 0")
+    if cfg.resume not in ("none", "auto"):
+        _require(os.path.exists(cfg.resume), f"config key 'resume' is '{cfg.resume}', which does not exist "
+                 "(expected none, auto, or the path of a checkpoint)")
+    # Teacher training.
+    t = cfg.train
+    _require(t.lr > 0, f"config key 'train.lr' is {t.lr}, expected a positive number")
+    _require(t.ssm_lr > 0, f"config key 'train.ssm_lr' is {t.ssm_lr}, expected a positive number")
+    _require(0 <= t.label_dropout < 1, f"config key 'train.label_dropout' is {t.label_dropout}, expected in [0, 1)")
+    _require(t.P_std > 0, f"config key 'train.P_std' is {t.P_std}, expected a positive number")
+    _require(t.sample_steps >= 1, f"config key 'train.sample_steps' is {t.sample_steps}, expected >= 1")
+    _require(t.grad_clip is None or t.grad_clip > 0, f"config key 'train.grad_clip' is {t.grad_clip}, "
+             "expected a positive number or null")
+    _check_betas("train.betas", t.betas)
+    # Distillation.
+    s = cfg.sid
+    _require(0 < s.tmax <= 1000, f"config key 'sid.tmax' is {s.tmax}, expected a value in (0, 1000]")
+    _require(s.lr_generator > 0, f"config key 'sid.lr_generator' is {s.lr_generator}, expected a positive number")
+    _require(s.lr_fake_score > 0, f"config key 'sid.lr_fake_score' is {s.lr_fake_score}, expected a positive number")
+    _require(s.sigma_init > 0, f"config key 'sid.sigma_init' is {s.sigma_init}, expected a positive number")
+    _require(0 < s.sigma_min < s.sigma_max, f"config keys 'sid.sigma_min' ({s.sigma_min}) and 'sid.sigma_max' "
+             f"({s.sigma_max}) must satisfy 0 < sigma_min < sigma_max")
+    _require(s.labels in ("data", "uniform"), f"config key 'sid.labels' is {s.labels!r}, expected data or uniform")
+    _check_betas("sid.betas", s.betas)
+    _require(cfg.ema.halflife_kimg > 0, f"config key 'ema.halflife_kimg' is {cfg.ema.halflife_kimg}, expected > 0")
+    _require(cfg.ema.rampup is None or cfg.ema.rampup > 0, f"config key 'ema.rampup' is {cfg.ema.rampup}, "
+             "expected a positive number or null")
+    if cfg.kind == "sid":
+        _require(cfg.teacher is not None, "config key 'teacher' is required for kind=sid (a sid denoiser folder or "
+                 "a diffusers pipeline folder)")
+        _require(os.path.exists(cfg.teacher), f"config key 'teacher' is '{cfg.teacher}', which does not exist")
+    # Evaluation.
+    e = cfg.eval
+    for m in e.metrics:
+        _require(m in METRICS, f"config key 'eval.metrics' has {m!r}, expected names from {', '.join(METRICS)}")
+    _require(e.num_samples > 1, f"config key 'eval.num_samples' is {e.num_samples}, expected at least 2")
+    _require(e.batch_size > 0, f"config key 'eval.batch_size' is {e.batch_size}, expected a positive integer")
+    if e.ref is not None:
+        _require(os.path.isfile(e.ref), f"config key 'eval.ref' is '{e.ref}', which does not exist")
+
+
+def _check_betas(key: str, betas: list[float]) -> None:
+    _require(len(betas) == 2 and all(0 <= b < 1 for b in betas),
+             f"config key '{key}' is {list(betas)}, expected two numbers in [0, 1)")
+
+
+def describe_keys() -> str:
+    """Every configuration key with its default, for ``--help``."""
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+    width = max(len(k) for k in defaults)
+    return "\n".join(f"  {k:<{width}}  {_dump(v)}" for k, v in defaults.items())
