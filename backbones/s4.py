@@ -1,0 +1,324 @@
+"""S4 state-space layer: DPLR (S4, arXiv 2111.00396) and diagonal (S4D, arXiv 2206.11893) kernels.
+
+Convention: C is a row vector, y = C x. A state of d_state real dimensions is held as M = d_state / 2 complex
+numbers (one per conjugate pair); the full system is the conjugate extension [x; conj(x)], so outputs are
+C_ext x_ext = 2 Re(C x) and kernels are real.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------
+# HiPPO-LegS and initializations.
+
+
+def hippo_legs(N: int) -> tuple[Tensor, Tensor]:
+    """HiPPO-LegS matrices (S4 paper, eq. 2) in float64: A (N, N), B (N,)."""
+    r = torch.sqrt(2 * torch.arange(N, dtype=torch.float64) + 1)  # (N,)
+    A = -torch.tril(r[:, None] * r[None, :], diagonal=-1) - torch.diag(torch.arange(1, N + 1, dtype=torch.float64))
+    return A, r.clone()
+
+
+def dplr_init(N: int) -> tuple[Tensor, Tensor, Tensor]:
+    """HiPPO-LegS as Lambda - P P* in the eigenbasis of its normal part; returns the M = N/2 conjugate-pair
+    halves (Lambda, P, B), complex128 (M,)."""
+    A, B = hippo_legs(N)
+    P = torch.sqrt(torch.arange(N, dtype=torch.float64) + 0.5)  # (N,)
+    # A + P P^T = -I/2 + S with S skew; -iS is Hermitian, so eigh is stable (never diagonalize A itself).
+    S = A + P[:, None] * P[None, :] + 0.5 * torch.eye(N, dtype=torch.float64)
+    mu, V = torch.linalg.eigh(-1j * S.to(torch.complex128))  # eig(S) = i mu, ascending mu
+    # Keep the half with Im(lambda) < 0; the other half is its conjugate ([V, conj V] is unitary).
+    if not bool(mu[N // 2 - 1] < 0):
+        raise ValueError(f"d_state={N} does not give N/2 eigenvalues with negative imaginary part")
+    V = V[:, : N // 2]  # (N, M)
+    Lambda = torch.complex(torch.full_like(mu[: N // 2], -0.5), mu[: N // 2])  # (M,)
+    return Lambda, V.mH @ P.to(torch.complex128), V.mH @ B.to(torch.complex128)
+
+
+def s4d_init(N: int, init: str = "lin") -> Tensor:
+    """S4D diagonal A, complex128 (N/2,): S4D-Lin -1/2 + i pi n, S4D-Inv -1/2 + i (N/pi)(N/(2n+1) - 1)."""
+    n = torch.arange(N // 2, dtype=torch.float64)
+    imag = math.pi * n if init == "lin" else N / math.pi * (N / (2 * n + 1) - 1)
+    return torch.complex(torch.full_like(n, -0.5), imag)
+
+
+def _ext(x: Tensor) -> Tensor:
+    # Conjugate extension along the state dimension: (..., M) -> (..., 2M).
+    return torch.cat([x, x.conj()], dim=-1)
+
+
+# ----------------------------------------------------------------------------
+# Fast kernels.
+
+
+def dplr_kernel(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int) -> Tensor:
+    """S4 kernel (Algorithm 1) of A = Lambda - P P*, bilinear, from C = C_tilde = C (I - A_bar^L).
+
+    Lambda, P, B: complex (H, M); C: complex (dirs, H, M); dt: real (H,). Returns real (dirs, H, L), O(N L).
+    """
+    # Roots of unity of the rfft half spectrum.
+    j = torch.arange(L // 2 + 1, dtype=torch.float64, device=dt.device)
+    z = torch.polar(torch.ones_like(j), -2 * math.pi * j / L).to(Lambda.dtype)  # (K,)
+    # K_hat(z) = C~ (I - A_bar z)^-1 B_bar = dt C~ [(1 - z) I - s A]^-1 B with s = (1 + z) dt / 2, i.e. the
+    # 2/(1+z) (g(z) - A)^-1 form multiplied through by (1 + z) dt / 2, which stays finite at z = -1.
+    s = (1 + z) * dt[:, None] / 2  # (H, K)
+    inv_d = 1 / ((1 - z) - s[:, None, :] * _ext(Lambda)[:, :, None])  # (H, N, K)
+    # Four Cauchy products over the conjugate-extended state: C~B, C~P, P*B, P*P.
+    dirs = C.shape[0]
+    v = torch.cat([C * B, C * P, (P.conj() * B)[None], (P.conj() * P)[None]])  # (2 dirs + 2, H, M)
+    r = torch.einsum("rhn,hnk->rhk", _ext(v), inv_d)  # (2 dirs + 2, H, K)
+    k00, k01, k10, k11 = r[:dirs], r[dirs : 2 * dirs], r[-2], r[-1]
+    # Woodbury identity for the rank-1 term.
+    K_hat = dt[:, None] * (k00 - s * k01 * k10 / (1 + s * k11))  # (dirs, H, K)
+    return torch.fft.irfft(K_hat, n=L)  # (dirs, H, L)
+
+
+def diag_kernel(A: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int) -> Tensor:
+    """S4D kernel, ZOH, Vandermonde product: K_l = 2 Re sum_n C_n B_n (exp(dt A_n) - 1) / A_n exp(dt A_n l).
+
+    A, B: complex (H, M); C: complex (dirs, H, M); dt: real (H,). Returns real (dirs, H, L).
+    """
+    dtA = A * dt[:, None]  # (H, M)
+    W = C * B * (dtA.exp() - 1) / A  # (dirs, H, M)
+    V = torch.exp(dtA[:, :, None] * torch.arange(L, device=A.device))  # (H, M, L)
+    return 2 * torch.einsum("dhm,hml->dhl", W, V).real
+
+
+def fft_conv(u: Tensor, k: Tensor) -> Tensor:
+    """Linear convolution by FFT of length 2L (no wrap-around). u (B, H, L), k (dirs, H, L) -> (B, H, L).
+
+    dirs = 2: y_i = sum_{j<=i} k0[i-j] u_j + sum_{j>i} k1[j-i-1] u_j (k1 sits reversed in the upper half).
+    """
+    L = u.shape[-1]
+    k = torch.cat([k[0], k[1].flip(-1)], dim=-1) if k.shape[0] == 2 else k[0]  # (H, L or 2L)
+    y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(k, n=2 * L), n=2 * L)  # (B, H, 2L)
+    return y[..., :L]
+
+
+# ----------------------------------------------------------------------------
+# Naive references: dense matrices, recurrences, direct convolution.
+
+
+def dplr_dense(Lambda: Tensor, P: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Dense conjugate-extended continuous system: A = diag(Lambda) - P P* (H, N, N), B (H, N), P (H, N)."""
+    P, B = _ext(P), _ext(B)
+    A = torch.diag_embed(_ext(Lambda)) - P[:, :, None] * P.conj()[:, None, :]
+    return A, B, P
+
+
+def bilinear(A: Tensor, B: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
+    """A_bar = (I - dt/2 A)^-1 (I + dt/2 A), B_bar = (I - dt/2 A)^-1 dt B, dense. A (H, N, N), B (H, N)."""
+    I = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    h = dt[:, None, None] / 2
+    dA = torch.linalg.solve(I - h * A, I + h * A)
+    dB = torch.linalg.solve(I - h * A, (2 * h[..., 0] * B)[..., None])[..., 0]
+    return dA, dB
+
+
+def c_from_c_tilde(C_tilde: Tensor, dA: Tensor, L: int) -> Tensor:
+    """Solve C (I - A_bar^L) = C_tilde for row vectors C. C_tilde (dirs, H, N), dA (H, N, N)."""
+    I = torch.eye(dA.shape[-1], dtype=dA.dtype, device=dA.device)
+    return torch.linalg.solve(I - torch.linalg.matrix_power(dA, L), C_tilde[..., None, :], left=False)[..., 0, :]
+
+
+def dplr_kernel_naive(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int) -> Tensor:
+    """Reference for dplr_kernel: K_k = C A_bar^k B_bar, k < L, by explicit dense matrix powers, O(N^2 L)."""
+    A, B, _ = dplr_dense(Lambda, P, B)
+    dA, dB = bilinear(A, B, dt)  # (H, N, N), (H, N)
+    C = c_from_c_tilde(_ext(C), dA, L)  # (dirs, H, N)
+    K, x = [], dB
+    for _ in range(L):
+        K.append(torch.einsum("dhn,hn->dh", C, x))
+        x = torch.einsum("hnm,hm->hn", dA, x)
+    return torch.stack(K, dim=-1).real  # (dirs, H, L)
+
+
+def zoh(A: Tensor, B: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
+    """Diagonal ZOH: A_bar = exp(dt A), B_bar = A^-1 (exp(dt A) - 1) B. A, B (H, M)."""
+    dA = torch.exp(A * dt[:, None])
+    return dA, (dA - 1) / A * B
+
+
+def diag_kernel_naive(A: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int) -> Tensor:
+    """Reference for diag_kernel: impulse response of x <- A_bar x + B_bar u, y = 2 Re(C x)."""
+    dA, x = zoh(A, B, dt)
+    K = []
+    for _ in range(L):
+        K.append(2 * (C * x).sum(-1).real)  # (dirs, H)
+        x = dA * x
+    return torch.stack(K, dim=-1)  # (dirs, H, L)
+
+
+def direct_conv(u: Tensor, k: Tensor) -> Tensor:
+    """Reference for fft_conv: O(L^2) Toeplitz product. u (B, H, L), k (dirs, H, L) -> (B, H, L)."""
+    L = u.shape[-1]
+    i = torch.arange(L, device=u.device)
+    lag = i[:, None] - i[None, :]  # (L, L), i - j
+    T = torch.where(lag >= 0, k[0][:, lag.clamp(min=0)], 0)  # (H, L, L)
+    if k.shape[0] == 2:
+        T = torch.where(lag < 0, k[1][:, (-lag - 1).clamp(min=0)], T)
+    return torch.einsum("hij,bhj->bhi", T, u)
+
+
+# ----------------------------------------------------------------------------
+# The layer.
+
+
+def is_ssm_parameter(p: Tensor) -> bool:
+    """True for SSM parameters (A, B, P, log_dt) that belong in their own optimizer group (lr ~1e-3, no decay)."""
+    return bool(getattr(p, "_ssm", False))
+
+
+class S4(nn.Module):
+    """S4 layer: u (B, L, d_model) -> SSM convolution + D skip -> GELU -> dropout -> Linear(d, 2d) -> GLU.
+
+    Parameters (all real; complex values as trailing dim 2): log_dt (H,), log_A_real and A_imag (H, M) with
+    A = -exp(log_A_real) + i A_imag, B (H, M, 2), P (H, M, 2) for "dplr", C (dirs, H, M, 2), D (H,), where
+    H = d_model, M = d_state / 2. For "dplr", C holds C_tilde = C (I - A_bar^l_max) (l_max None: the current L).
+    Bidirectional layers share A, B, P, dt between directions and keep one C per direction.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,  # N, real state size; held as N/2 complex conjugate pairs
+        *,
+        kernel: str = "dplr",  # "dplr" (S4, HiPPO-LegS, bilinear) or "diag" (S4D, ZOH)
+        bidirectional: bool = True,  # one kernel per direction (non-causal)
+        l_max: int | None = None,  # longest sequence; fixes the length that C_tilde refers to
+        dt_min: float = 1e-3,  # log_dt ~ U[ln dt_min, ln dt_max] per channel
+        dt_max: float = 1e-1,
+        diag_init: str = "lin",  # S4D-Lin or S4D-Inv imaginary parts ("diag" only)
+        dropout: float = 0.0,  # after GELU
+    ) -> None:
+        super().__init__()
+        if kernel not in ("dplr", "diag"):
+            raise ValueError(f"kernel must be 'dplr' or 'diag', got {kernel!r}")
+        if diag_init not in ("lin", "inv"):
+            raise ValueError(f"diag_init must be 'lin' or 'inv', got {diag_init!r}")
+        if d_state < 2 or d_state % 2:
+            raise ValueError(f"d_state must be a positive even number, got {d_state}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        H, M, dirs = d_model, d_state // 2, 2 if bidirectional else 1
+        self.d_model, self.d_state, self.mode = d_model, d_state, kernel
+        self.bidirectional, self.l_max = bidirectional, l_max
+
+        # Continuous SSM, shared by both directions.
+        if kernel == "dplr":
+            A, P, B = dplr_init(d_state)
+            self.P = nn.Parameter(torch.view_as_real(P).float().repeat(H, 1, 1))  # (H, M, 2)
+        else:
+            A, B = s4d_init(d_state, diag_init), torch.ones(M, dtype=torch.complex128)
+        self.log_A_real = nn.Parameter(torch.log(-A.real).float().repeat(H, 1))  # (H, M)
+        self.A_imag = nn.Parameter(A.imag.float().repeat(H, 1))  # (H, M)
+        self.B = nn.Parameter(torch.view_as_real(B).float().repeat(H, 1, 1))  # (H, M, 2)
+        self.log_dt = nn.Parameter(torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        # Readout: complex normal C (variance 1/2 per part), one per direction; D skip ~ N(0, 1).
+        self.C = nn.Parameter(torch.randn(dirs, H, M, 2) * math.sqrt(0.5))  # (dirs, H, M, 2)
+        self.D = nn.Parameter(torch.randn(H))  # (H,)
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(H, 2 * H)
+        self._mark_ssm()
+        self._step_cache = None
+
+    def _mark_ssm(self) -> None:
+        for name in ("log_dt", "log_A_real", "A_imag", "B", "P"):
+            if name in self._parameters:
+                self._parameters[name]._ssm = True
+
+    def __setstate__(self, state):
+        # deepcopy / pickle make new Parameter objects without the mark.
+        super().__setstate__(state)
+        self._mark_ssm()
+
+    def _continuous(self) -> dict[str, Tensor]:
+        # Continuous parameters as complex tensors, float64 when the layer is, float32 otherwise.
+        rdtype = torch.float64 if self.log_dt.dtype == torch.float64 else torch.float32
+        c = lambda p: torch.view_as_complex(p.to(rdtype))
+        ssm = dict(
+            A=torch.complex(-self.log_A_real.to(rdtype).exp(), self.A_imag.to(rdtype)),
+            B=c(self.B),
+            C=c(self.C),
+            dt=self.log_dt.to(rdtype).exp(),
+            D=self.D.to(rdtype),
+        )
+        if self.mode == "dplr":
+            ssm["P"] = c(self.P)
+        return ssm
+
+    def kernel(self, L: int) -> Tensor:
+        """Real SSM kernel (directions, d_model, L), float32 (float64 for a .double() layer)."""
+        if self.l_max is not None and L > self.l_max:
+            raise ValueError(f"sequence length {L} exceeds l_max={self.l_max} of this S4 layer")
+        with torch.autocast(device_type=self.log_dt.device.type, enabled=False):
+            s = self._continuous()
+            if self.mode == "dplr":
+                # C_tilde refers to l_max: compute the full kernel there and truncate.
+                return dplr_kernel(s["A"], s["P"], s["B"], s["C"], s["dt"], self.l_max or L)[..., :L]
+            return diag_kernel(s["A"], s["B"], s["C"], s["dt"], L)
+
+    def _output(self, y: Tensor) -> Tensor:
+        # GELU -> dropout -> Linear(d, 2d) -> GLU; may run under autocast.
+        y = self.dropout(F.gelu(y))
+        return F.glu(self.out_proj(y.to(self.out_proj.weight.dtype)), dim=-1)
+
+    def forward(self, u: Tensor) -> Tensor:
+        """Convolution mode: u (B, L, d_model) -> (B, L, d_model), in u's dtype."""
+        if u.ndim != 3 or u.shape[-1] != self.d_model:
+            raise ValueError(f"S4 expects input (batch, length, {self.d_model}), got {tuple(u.shape)}")
+        # Kernel and FFTs in fp32 even under bf16 autocast.
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            k = self.kernel(u.shape[1])  # (dirs, H, L)
+            x = u.to(k.dtype).transpose(1, 2)  # (B, H, L)
+            y = fft_conv(x, k) + self.D.to(k.dtype)[:, None] * x  # (B, H, L)
+        return self._output(y.transpose(1, 2)).to(u.dtype)  # (B, L, H)
+
+    # ------------------------------------------------------------------------
+    # Recurrent mode (reference for causal layers).
+
+    def _step_params(self) -> dict[str, Tensor]:
+        if self.bidirectional:
+            raise ValueError("S4 recurrent mode (initial_state/step) needs a causal layer (bidirectional=False)")
+        s = self._continuous()
+        if self.mode == "diag":
+            s["dA"], s["dB"] = zoh(s["A"], s["B"], s["dt"])
+        else:
+            if self.l_max is None:
+                raise ValueError("S4 'dplr' recurrent mode needs l_max set: C is recovered from C_tilde at l_max")
+            # Recover C from C_tilde with the dense extended system; keep its first (non-conjugate) half.
+            A, B, _ = dplr_dense(s["A"], s["P"], s["B"])
+            dA, _ = bilinear(A, B, s["dt"])
+            s["C"] = c_from_c_tilde(_ext(s["C"]), dA, self.l_max)[..., : self.d_state // 2]
+            # Step helpers: Dg = (2/dt - Lambda)^-1, Woodbury denominator 1 + Q* Dg P (real, extended).
+            s["Dg"] = 1 / (2 / s["dt"][:, None] - s["A"])  # (H, M)
+            s["den"] = 1 + 2 * (s["P"].conj() * s["Dg"] * s["P"]).sum(-1, keepdim=True).real  # (H, 1)
+        return s
+
+    def initial_state(self, batch: int) -> Tensor:
+        """Zero state (batch, d_model, d_state / 2), complex; also caches the discretized step matrices from the
+        current parameters (call again after changing them)."""
+        self._step_cache = self._step_params()
+        return torch.zeros(
+            batch, self.d_model, self.d_state // 2, dtype=self._step_cache["A"].dtype, device=self.log_dt.device
+        )
+
+    def step(self, u_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """One recurrent step: u_t (B, d_model), state (B, d_model, d_state/2) -> (y_t (B, d_model), state)."""
+        s = self._step_params() if self._step_cache is None else self._step_cache
+        u = u_t.to(s["dt"].dtype)[..., None]  # (B, H, 1)
+        x = state
+        if self.mode == "diag":
+            x = s["dA"] * x + s["dB"] * u  # (B, H, M)
+        else:
+            # x <- A1 (A0 x + 2 B u): A0 = 2/dt + Lambda - P P*, A1 = Dg - Dg P (1 + P* Dg P)^-1 P* Dg, each O(N);
+            # P* x_ext = 2 Re(P* x) on the conjugate-extended state.
+            lam, P, Dg = s["A"], s["P"], s["Dg"]
+            v = (2 / s["dt"][:, None] + lam) * x - 2 * P * (P.conj() * x).sum(-1, keepdim=True).real + 2 * s["B"] * u
+            w = Dg * v
+            x = w - 2 * Dg * P * (P.conj() * w).sum(-1, keepdim=True).real / s["den"]  # (B, H, M)
+        y = 2 * (s["C"][0] * x).sum(-1).real + s["D"] * u[..., 0]  # (B, H)
+        return self._output(y).to(u_t.dtype), x

@@ -1,0 +1,237 @@
+"""S4 layer: fast paths against naive references (forward and grad, float64), recurrence, causality, dtypes."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from backbones import s4
+
+SSM_NAMES = {"log_dt", "log_A_real", "A_imag", "B", "P"}
+
+
+def make(kernel="dplr", bidirectional=True, d_model=3, d_state=8, l_max=None, seed=0, **kw):
+    torch.manual_seed(seed)
+    return s4.S4(d_model, d_state, kernel=kernel, bidirectional=bidirectional, l_max=l_max, dt_min=1e-2, **kw).double()
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def grads(out, params, seed=1):
+    # Gradient of a random projection of out, so every output entry matters.
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad((out * w).sum(), params)
+
+
+# ----------------------------------------------------------------------------
+# HiPPO-LegS and initializations.
+
+
+def test_hippo_legs_closed_form():
+    N = 7
+    A, B = s4.hippo_legs(N)
+    assert A.dtype == B.dtype == torch.float64 and A.shape == (N, N) and B.shape == (N,)
+    for n in range(N):
+        assert B[n] == math.sqrt(2 * n + 1)
+        for k in range(N):
+            expected = -math.sqrt(2 * n + 1) * math.sqrt(2 * k + 1) if n > k else -(n + 1) if n == k else 0.0
+            assert abs(A[n, k].item() - expected) < 1e-12
+
+
+@pytest.mark.parametrize("N", [8, 16])
+def test_dplr_init_is_unitary_change_of_basis_of_hippo(N):
+    Lambda, P, B = s4.dplr_init(N)
+    assert Lambda.shape == P.shape == B.shape == (N // 2,)
+    # Normal part: real parts exactly -1/2, kept half has negative imaginary parts.
+    assert torch.allclose(Lambda.real, torch.full_like(Lambda.real, -0.5)) and bool((Lambda.imag < 0).all())
+    # Markov parameters v^T A^k B are basis invariant: compare the conjugate-extended DPLR system with HiPPO.
+    A_h, B_h = s4.hippo_legs(N)
+    P_h = torch.sqrt(torch.arange(N, dtype=torch.float64) + 0.5)
+    A, B_e, P_e = (x[0] for x in s4.dplr_dense(Lambda[None], P[None], B[None]))
+    for k in range(6):
+        Ak_h, Ak = torch.linalg.matrix_power(A_h, k), torch.linalg.matrix_power(A, k)
+        for v_h, v in ((B_h, B_e), (P_h, P_e)):
+            ref = v_h @ Ak_h @ B_h
+            assert abs((v.conj() @ Ak @ B_e - ref).item()) < 1e-9 * abs(ref.item())
+
+
+def test_s4d_init_and_dt_range():
+    N = 16
+    n = torch.arange(N // 2, dtype=torch.float64)
+    lin, inv = s4.s4d_init(N, "lin"), s4.s4d_init(N, "inv")
+    assert torch.allclose(lin, torch.complex(-0.5 * torch.ones_like(n), math.pi * n))
+    assert torch.allclose(inv, torch.complex(-0.5 * torch.ones_like(n), N / math.pi * (N / (2 * n + 1) - 1)))
+    m = s4.S4(256, N, kernel="diag", diag_init="inv", dt_min=1e-3, dt_max=1e-1)
+    A = torch.complex(-m.log_A_real.exp(), m.A_imag).to(torch.complex128)
+    assert torch.allclose(A, inv.expand(256, -1).to(A.dtype), rtol=1e-6)
+    assert torch.allclose(torch.view_as_complex(m.B), torch.ones(256, N // 2, dtype=torch.complex64))
+    assert m.log_dt.min() >= math.log(1e-3) and m.log_dt.max() <= math.log(1e-1)
+    assert m.log_dt.max() - m.log_dt.min() > 0.8 * (math.log(1e-1) - math.log(1e-3))
+
+
+# ----------------------------------------------------------------------------
+# Fast kernels against naive references.
+
+
+@pytest.mark.parametrize("L, l_max, bidirectional", [(32, 32, False), (33, 33, True), (20, 48, True), (16, None, True)])
+def test_dplr_kernel_matches_matrix_powers(L, l_max, bidirectional):
+    m = make("dplr", bidirectional, l_max=l_max)
+    params = [m.C, m.log_dt, m.log_A_real, m.A_imag, m.B, m.P]
+    k = m.kernel(L)
+    s = m._continuous()
+    k_ref = s4.dplr_kernel_naive(s["A"], s["P"], s["B"], s["C"], s["dt"], l_max or L)[..., :L]
+    assert k.shape == k_ref.shape == (2 if bidirectional else 1, 3, L)
+    assert rel_err(k, k_ref) < 1e-11
+    for g, g_ref in zip(grads(k, params), grads(k_ref, params), strict=True):
+        assert rel_err(g, g_ref) < 1e-9
+
+
+@pytest.mark.parametrize("init", ["lin", "inv"])
+def test_diag_kernel_matches_recurrence(init):
+    m = make("diag", True, diag_init=init)
+    params = [m.C, m.log_dt, m.log_A_real, m.A_imag, m.B]
+    L = 40
+    k = m.kernel(L)
+    s = m._continuous()
+    k_ref = s4.diag_kernel_naive(s["A"], s["B"], s["C"], s["dt"], L)
+    assert rel_err(k, k_ref) < 1e-12
+    for g, g_ref in zip(grads(k, params), grads(k_ref, params), strict=True):
+        assert rel_err(g, g_ref) < 1e-10
+
+
+@pytest.mark.parametrize("dirs", [1, 2])
+def test_fft_conv_matches_direct_conv(dirs):
+    torch.manual_seed(0)
+    u, k = torch.randn(2, 3, 37, dtype=torch.float64), torch.randn(dirs, 3, 37, dtype=torch.float64)
+    assert rel_err(s4.fft_conv(u, k), s4.direct_conv(u, k)) < 1e-12
+
+
+def test_bidirectional_conv_formula():
+    # y_i = sum_{j<=i} k0[i-j] u_j + sum_{j>i} k1[j-i-1] u_j, written out with loops.
+    torch.manual_seed(0)
+    L = 9
+    u, k = torch.randn(1, 2, L, dtype=torch.float64), torch.randn(2, 2, L, dtype=torch.float64)
+    y = torch.zeros_like(u)
+    for i in range(L):
+        for j in range(L):
+            y[..., i] += (k[0, :, i - j] if j <= i else k[1, :, j - i - 1]) * u[..., j]
+    assert rel_err(s4.fft_conv(u, k), y) < 1e-12
+    assert rel_err(s4.direct_conv(u, k), y) < 1e-12
+
+
+@pytest.mark.parametrize("kernel", ["dplr", "diag"])
+def test_bidirectional_layer_is_two_causal_passes(kernel):
+    m = make(kernel, True, l_max=24).eval()
+    u = torch.randn(2, 24, 3, dtype=torch.float64)
+    k0, k1 = m.kernel(24)  # (H, L) each
+    x = u.transpose(1, 2)  # (B, H, L)
+    # Backward direction: a causal pass over the reversed sequence with the kernel delayed by one step.
+    k1_delayed = torch.nn.functional.pad(k1, (1, 0))[:, :24]
+    y = s4.direct_conv(x, k0[None]) + s4.direct_conv(x.flip(-1), k1_delayed[None]).flip(-1) + m.D[:, None] * x
+    assert rel_err(m(u), m._output(y.transpose(1, 2))) < 1e-12
+
+
+# ----------------------------------------------------------------------------
+# Layer: recurrence, causality, shapes, dtypes, parameters, errors.
+
+
+@pytest.mark.parametrize("kernel", ["dplr", "diag"])
+def test_causal_forward_matches_step(kernel):
+    m = make(kernel, False, l_max=32).eval()
+    u = torch.randn(2, 29, 3, dtype=torch.float64)
+    state, ys = m.initial_state(2), []
+    for t in range(u.shape[1]):
+        y_t, state = m.step(u[:, t], state)
+        ys.append(y_t)
+    assert state.shape == (2, 3, 4)
+    assert rel_err(torch.stack(ys, dim=1), m(u)) < 1e-11
+
+
+@pytest.mark.parametrize("kernel", ["dplr", "diag"])
+def test_causal_no_leakage_from_future(kernel):
+    m = make(kernel, False, l_max=32).eval()
+    u = torch.randn(2, 32, 3, dtype=torch.float64)
+    v = u.clone()
+    v[:, 10] += 1.0
+    y, y_v = m(u), m(v)
+    assert (y[:, :10] - y_v[:, :10]).abs().max() < 1e-13
+    assert (y[:, 10:] - y_v[:, 10:]).abs().max() > 1e-3
+
+
+def test_kernel_shape_and_dtype():
+    for bidirectional, dirs in ((True, 2), (False, 1)):
+        m = s4.S4(5, 16, bidirectional=bidirectional, l_max=64)
+        k = m.kernel(50)
+        assert k.shape == (dirs, 5, 50) and k.dtype == torch.float32 and not k.is_complex()
+        assert torch.allclose(k, m.kernel(64)[..., :50])
+        assert m.double().kernel(50).dtype == torch.float64
+    k = s4.S4(5, 16, kernel="diag").kernel(17)
+    assert k.shape == (2, 5, 17) and k.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kernel", ["dplr", "diag"])
+def test_bf16_autocast_keeps_kernel_path_fp32(kernel, monkeypatch):
+    torch.manual_seed(0)
+    m = s4.S4(16, 16, kernel=kernel).eval()
+    u = torch.randn(2, 32, 16)
+    seen = []
+    fft_conv = s4.fft_conv
+
+    def spy(x, k):
+        seen.append((x.dtype, k.dtype, torch.is_autocast_enabled("cpu")))
+        return fft_conv(x, k)
+
+    monkeypatch.setattr(s4, "fft_conv", spy)
+    y32 = m(u)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(u)
+        y_bf = m(u.bfloat16())
+        assert m.kernel(32).dtype == torch.float32
+    assert seen == [(torch.float32, torch.float32, False)] * 3
+    assert y.dtype == torch.float32 and y_bf.dtype == torch.bfloat16
+    assert rel_err(y, y32) < 3e-2 and rel_err(y_bf.float(), y32) < 5e-2
+
+
+@pytest.mark.parametrize("kernel", ["dplr", "diag"])
+def test_ssm_parameters_marked_and_real(kernel, tmp_path):
+    m = s4.S4(4, 8, kernel=kernel)
+    expected = SSM_NAMES - ({"P"} if kernel == "diag" else set())
+    for copy_of in (m, m.double(), copy.deepcopy(m)):
+        assert {n for n, p in copy_of.named_parameters() if s4.is_ssm_parameter(p)} == expected
+    assert not any(t.is_complex() for t in m.state_dict().values())
+    # safetensors round trip.
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file(m.state_dict(), tmp_path / "s4.safetensors")
+    loaded = safetensors.load_file(tmp_path / "s4.safetensors")
+    assert all(torch.equal(loaded[n], t) for n, t in m.state_dict().items())
+
+
+@pytest.mark.parametrize("kernel", ["dplr", "diag"])
+def test_forward_shape_and_backward(kernel):
+    torch.manual_seed(0)
+    m = s4.S4(8, 16, kernel=kernel, l_max=64, dropout=0.1)
+    u = torch.randn(3, 40, 8, requires_grad=True)
+    y = m(u)
+    assert y.shape == u.shape and y.dtype == u.dtype
+    y.square().mean().backward()
+    for name, p in [*m.named_parameters(), ("u", u)]:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_errors():
+    bi = s4.S4(4, 8, l_max=16)
+    with pytest.raises(ValueError, match="causal"):
+        bi.initial_state(1)
+    with pytest.raises(ValueError, match="causal"):
+        bi.step(torch.zeros(1, 4), torch.zeros(1, 4, 4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="l_max"):
+        bi.kernel(17)
+    with pytest.raises(ValueError, match="l_max"):
+        bi(torch.zeros(1, 17, 4))
+    with pytest.raises(ValueError, match="l_max"):
+        s4.S4(4, 8, bidirectional=False).initial_state(1)
+    with pytest.raises(ValueError, match="kernel"):
+        s4.S4(4, 8, kernel="full")
