@@ -1,0 +1,108 @@
+"""Per-sample losses: EDM denoising (teacher and fake score) and the SiD generator loss.
+
+Both are pure functions of networks and tensors that return one value per sample (summed over C, H, W); the
+training loop reduces and scales them. Any callable ``D(x, sigma, class_labels)`` with ``sigma`` of shape
+(B, 1, 1, 1) can play teacher, fake score or student.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+# ----------------------------------------------------------------------------
+# EDM loss (Karras et al. 2022, eq. 2 with Table 1's lognormal sigma and weight lambda).
+
+
+def edm_loss(
+    denoiser: Denoiser,
+    x0: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    *,
+    P_mean: float = -1.2,
+    P_std: float = 1.2,
+    sigma_data: float = 0.5,
+    sigma: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``lambda(sigma) * ||D(x0 + sigma n, sigma) - x0||^2`` per sample, ``sigma = exp(P_mean + P_std N(0, 1))``.
+
+    Args:
+        denoiser: ``D(x, sigma, class_labels) -> x0_hat``.
+        x0: clean images (B, C, H, W) in [-1, 1].
+        sigma, noise: optional (B, 1, 1, 1) and (B, C, H, W) to make the call deterministic; sampled when None.
+
+    Returns:
+        (B,) float32 loss, summed over C, H, W.
+    """
+    x0 = x0.to(torch.float32)
+    if sigma is None:
+        sigma = (torch.randn(x0.shape[0], 1, 1, 1, device=x0.device) * P_std + P_mean).exp()
+    if noise is None:
+        noise = torch.randn_like(x0)
+    sigma = sigma.to(torch.float32)
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2  # lambda(sigma), EDM Table 1
+    D_x = denoiser(x0 + sigma * noise, sigma, class_labels)
+    return (weight * (D_x.to(torch.float32) - x0) ** 2).flatten(1).sum(1)
+
+
+# ----------------------------------------------------------------------------
+# SiD generator loss (Zhou et al. 2024, arXiv 2404.04057, eqs. 21-23 with alpha and the normaliser w of sec. 4).
+
+
+def sid_sigma(t: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """Map ``t`` in [0, 1] to the EDM sampler's noise level: ``t = 0`` -> ``sigma_min``, ``t = 1`` -> ``sigma_max``."""
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + (1 - t) * (lo - hi)) ** rho
+
+
+def generator_loss(
+    teacher: Denoiser,
+    fake_score: Denoiser,
+    x_g: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.2,
+    tmax: float = 800,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    sigma: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SiD generator loss per sample.
+
+    With ``x_t = x_g + sigma n``, ``f_phi = teacher(x_t)``, ``f_psi = fake_score(x_t)`` and
+    ``w = mean_pixels |x_g - f_phi|`` (no gradient, clipped below at 1e-5):
+
+        loss = sum_pixels (f_phi - f_psi) * ((f_phi - x_g) - alpha * (f_phi - f_psi)) / w
+
+    which equals ``(1 - alpha) ||f_phi - f_psi||^2 + (f_phi - f_psi)^T (f_psi - x_g)`` (paper eq. 23). Gradients
+    reach the generator through ``x_g`` in all three places (directly and through ``x_t``); the parameters of
+    ``teacher`` and ``fake_score`` should be frozen by the caller.
+
+    Args:
+        x_g: generator samples (B, C, H, W), differentiable w.r.t. the generator.
+        sigma: optional (B, 1, 1, 1); default ``sid_sigma(t)`` with ``t ~ U(0, tmax / 1000)``.
+        noise: optional (B, C, H, W) standard normal.
+
+    Returns:
+        (B,) float32 loss.
+    """
+    x_g = x_g.to(torch.float32)
+    if sigma is None:
+        t = torch.rand(x_g.shape[0], 1, 1, 1, device=x_g.device) * (tmax / 1000)
+        sigma = sid_sigma(t, sigma_min, sigma_max, rho)
+    if noise is None:
+        noise = torch.randn_like(x_g)
+    sigma = sigma.to(torch.float32)
+    x_t = x_g + sigma * noise
+    f_phi = teacher(x_t, sigma, class_labels).to(torch.float32)
+    f_psi = fake_score(x_t, sigma, class_labels).to(torch.float32)
+    with torch.no_grad():
+        w = (x_g - f_phi).abs().flatten(1).mean(1).clamp(min=1e-5).view(-1, 1, 1, 1)
+    diff = f_phi - f_psi
+    return (diff * ((f_phi - x_g) - alpha * diff) / w).flatten(1).sum(1)

@@ -1,0 +1,106 @@
+"""Sampling and evaluation behind ``sample.py``: one-step generators and multi-step teachers, per-seed images."""
+
+from __future__ import annotations
+
+import os
+from argparse import Namespace
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import METRICS, DataConfig, UserError
+from .data import load_dataset, to_uint8
+from .runs import save_grid
+from .sampling import edm_sampler, guided, nfe, parse_seeds, seed_labels, seed_latents
+from .teachers import load_generator, load_teacher
+
+GRID_MAX = 100  # images drawn in grid.png (the first seeds)
+
+
+def sample(args: Namespace) -> list[dict]:
+    from accelerate import Accelerator
+
+    # Check arguments before any heavy work.
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        raise UserError(f"--seeds {e}") from e
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    for m in metrics:
+        if m not in METRICS:
+            raise UserError(f"--metrics has {m!r}, expected names from {', '.join(METRICS)}")
+    if args.steps < 1:
+        raise UserError(f"--steps is {args.steps}, expected a positive integer")
+    if args.batch < 1:
+        raise UserError(f"--batch is {args.batch}, expected a positive integer")
+    if args.ref is not None and not os.path.isfile(args.ref):
+        raise UserError(f"--ref '{args.ref}' does not exist")
+
+    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(),
+                              mixed_precision="bf16" if args.bf16 else "no")
+    device = accelerator.device
+    if args.generator:
+        model = load_generator(args.generator).to(device)
+        denoiser = model.denoiser
+        num_nfe = 1
+    else:
+        denoiser = load_teacher(args.teacher).to(device)
+        model = guided(denoiser, args.guidance)
+        num_nfe = nfe(args.steps) * (2 if args.guidance != 1 else 1)
+    shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
+    label_dim = denoiser.label_dim
+
+    @torch.no_grad()
+    def make_images(batch_seeds) -> torch.Tensor:
+        z = seed_latents(batch_seeds, shape, device)
+        labels = seed_labels(batch_seeds, label_dim, device)
+        with accelerator.autocast():
+            if args.generator:
+                x = model(z, labels)
+            else:
+                x = edm_sampler(model, z, labels, num_steps=args.steps)
+        return to_uint8(x).cpu()
+
+    if accelerator.is_main_process:
+        os.makedirs(args.outdir, exist_ok=True)
+    what = f"one-step generator {args.generator}" if args.generator else f"teacher {args.teacher}, {num_nfe} NFE"
+
+    # Images: grid of the first seeds, optionally all of them as images.npz.
+    todo = seeds if args.npz else seeds[:GRID_MAX]
+    with accelerator.split_between_processes(todo) as mine:
+        chunks = [make_images(mine[i:i + args.batch]) for i in tqdm(
+            range(0, len(mine), args.batch), desc=f"sampling ({what})", disable=not accelerator.is_main_process)]
+    local = torch.cat(chunks).numpy() if chunks else np.zeros((0, *shape), np.uint8)
+    parts = accelerator.gather_for_metrics([local], use_gather_object=True) if accelerator.num_processes > 1 \
+        else [local]
+    if accelerator.is_main_process:
+        images = np.concatenate(parts)
+        save_grid(torch.from_numpy(images[:GRID_MAX]), os.path.join(args.outdir, "grid.png"))
+        print(f"grid: {os.path.join(args.outdir, 'grid.png')} ({min(len(images), GRID_MAX)} images, {what})")
+        if args.npz:
+            labels = seed_labels(todo, label_dim)
+            np.savez(os.path.join(args.outdir, "images.npz"), images=images.transpose(0, 2, 3, 1),
+                     seeds=np.array(todo), **({"labels": labels.numpy()} if labels is not None else {}))
+            print(f"images: {os.path.join(args.outdir, 'images.npz')} ({len(images)} images)")
+
+    # Metrics.
+    rows: list[dict] = []
+    if metrics:
+        from .metrics import append_jsonl, compute_metrics
+
+        ref_dataset = None
+        if args.ref is None:
+            ref_dataset = load_dataset(DataConfig(name=args.data, path=args.data_path))
+            if (ref_dataset.channels, ref_dataset.resolution) != shape[:2]:
+                raise UserError(f"the model makes {shape[0]}x{shape[1]}x{shape[2]} images but the reference dataset "
+                                f"{ref_dataset.name} holds {ref_dataset.channels}x{ref_dataset.resolution}x"
+                                f"{ref_dataset.resolution}; pass --data/--data-path or --ref")
+        rows = compute_metrics(make_images, seeds, metrics, accelerator=accelerator, batch_size=args.batch,
+                               detector_path=args.detector, lenet_path=args.lenet, ref_path=args.ref,
+                               ref_dataset=ref_dataset, nfe=num_nfe)
+        if accelerator.is_main_process:
+            append_jsonl(os.path.join(args.outdir, "metrics.jsonl"), rows)
+            for r in rows:
+                print(f"{r['metric']}: {r['value']:.4f} ({r['num_samples']} samples, {r['nfe']} NFE)")
+    return rows

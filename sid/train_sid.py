@@ -1,0 +1,229 @@
+"""SiD distillation (``kind=sid``): alternate fake-score and generator phases (DESIGN 4; Zhou et al. 2024).
+
+Roles: ``teacher`` f_phi (frozen, never prepared), ``fake_score`` f_psi and the generator's network D_theta, both
+initialised as copies of the teacher. Real images are never used by the losses; the dataset only supplies the
+label distribution (and the reference statistics of the metrics).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+
+from . import rng
+from .config import Config, UserError
+from .data import load_dataset, to_uint8
+from .ema import EMA
+from .generator import OneStepGenerator
+from .loss import edm_loss, generator_loss, sid_sigma
+from .sampling import seed_labels, seed_latents
+from .teachers import load_teacher, save_generator
+from .training import TrainingLoop, count_nonfinite, sanitize_gradients
+
+
+def teacher_reference(teacher_path: str, metric: str, num_samples: int) -> dict | None:
+    """The teacher's own value of ``metric`` from ``<teacher>/metrics.jsonl`` (written by sample.py), if present;
+    prefers a line with the same number of samples."""
+    path = os.path.join(teacher_path, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        rows = [json.loads(ln) for ln in fh if ln.strip()]
+    rows = [r for r in rows if r.get("metric") == metric]
+    if not rows:
+        return None
+    return min(rows, key=lambda r: abs(int(r.get("num_samples", 0)) - num_samples))
+
+
+class SiDLoop(TrainingLoop):
+    kind = "sid"
+
+    def __init__(self, cfg: Config, accelerator):
+        super().__init__(cfg, accelerator)
+        s = cfg.sid
+        self.teacher = load_teacher(cfg.teacher).to(self.device)
+        self.shape = (self.teacher.img_channels, self.teacher.img_resolution, self.teacher.img_resolution)
+        self.label_dim = self.teacher.label_dim
+        self.log(f"teacher: {cfg.teacher} ({type(self.teacher).__name__}, {self.shape[0]}x{self.shape[1]}x"
+                 f"{self.shape[2]}, {'conditional on ' + str(self.label_dim) + ' classes' if self.label_dim else 'unconditional'})")
+        # The dataset: label distribution and metric reference; its images must match the teacher.
+        self.dataset = load_dataset(cfg.data) if cfg.data.name != "none" else None
+        if self.dataset is not None:
+            self.log(f"data: {self.dataset.describe()}")
+            ds_shape = (self.dataset.channels, self.dataset.resolution, self.dataset.resolution)
+            if ds_shape != self.shape:
+                raise UserError(f"the teacher makes {'x'.join(map(str, self.shape))} images but {self.dataset.name} "
+                                f"holds {'x'.join(map(str, ds_shape))} images; images are never resized")
+        self.label_table = None
+        if self.label_dim > 0 and s.labels == "data":
+            if self.dataset is None or self.dataset.labels is None:
+                raise UserError(f"the teacher is class-conditional but data.name={cfg.data.name} has no labels; set "
+                                "sid.labels=uniform or give a labelled dataset")
+            if self.dataset.num_classes > self.label_dim:
+                raise UserError(f"{self.dataset.name} has {self.dataset.num_classes} classes but the teacher only "
+                                f"{self.label_dim}")
+            self.label_table = torch.as_tensor(self.dataset.labels, device=self.device)
+        # Generator and fake score start as copies of the teacher (of the foreign model for adapters).
+        generator_net = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        fake_score = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        opt_g = torch.optim.Adam(generator_net.parameters(), lr=s.lr_generator, betas=tuple(s.betas), eps=s.eps)
+        opt_f = torch.optim.Adam(fake_score.parameters(), lr=s.lr_fake_score, betas=tuple(s.betas), eps=s.eps)
+        self.generator_net, self.fake_score, self.opt_g, self.opt_f = accelerator.prepare(
+            generator_net, fake_score, opt_g, opt_f)
+        unwrap = accelerator.unwrap_model
+        self.generator = OneStepGenerator(self.generator_net, s.sigma_init)  # through DDP: gradients all-reduced
+        self.generator_plain = OneStepGenerator(unwrap(self.generator_net), s.sigma_init)
+        self.fake_score_plain = unwrap(self.fake_score)
+        self.ema = EMA(unwrap(self.generator_net), cfg.ema.halflife_kimg, cfg.ema.rampup)
+        self.teacher_ref = {m: teacher_reference(cfg.teacher, m, cfg.eval.num_samples) for m in cfg.eval.metrics}
+
+    # Random inputs: pure functions of (seed, step, rank, micro-batch, phase).
+
+    def _inputs(self, micro: int, phase: str):
+        g = rng.generator(self.cfg.seed, self.step, self.rank, micro, phase, device=self.device)
+        n = self.micro_batch
+        z = torch.randn((n, *self.shape), generator=g, device=self.device)
+        if self.label_dim == 0:
+            labels = None
+        elif self.label_table is not None:
+            labels = self.label_table[torch.randint(len(self.label_table), (n,), generator=g, device=self.device)]
+        else:
+            labels = torch.randint(self.label_dim, (n,), generator=g, device=self.device)
+        return g, z, labels
+
+    def _phase(self, train_fake_score: bool) -> None:
+        """The one place that decides which network trains; the teacher is always frozen."""
+        self.fake_score.requires_grad_(train_fake_score)
+        self.generator_net.requires_grad_(not train_fake_score)
+
+    def _optimizer_step(self, opt, model) -> int:
+        if self.accelerator.scaler is not None:
+            self.accelerator.unscale_gradients(opt)
+        bad = sanitize_gradients(model.parameters())
+        opt.step()
+        return bad
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        cfg, s = self.cfg, self.cfg.sid
+        stats = {k: torch.zeros(()) for k in ("loss_fake_score", "loss_generator")}
+        nonfinite_f = nonfinite_g = 0
+
+        # Update fake score: EDM loss on the generator's samples.
+        self._phase(train_fake_score=True)
+        self.opt_f.zero_grad(set_to_none=True)
+        for micro in range(cfg.accum_steps):
+            g, z, labels = self._inputs(micro, "fake_score")
+            with torch.no_grad(), self.autocast():
+                x_g = self.generator_plain(z, labels)
+            nonfinite_f += count_nonfinite(x_g)
+            sigma = (torch.randn(x_g.shape[0], 1, 1, 1, generator=g, device=self.device) * s.P_std + s.P_mean).exp()
+            noise = torch.randn(x_g.shape, generator=g, device=self.device)
+            with self.no_sync_unless_last(self.fake_score, micro), self.autocast():
+                loss = edm_loss(self.fake_score, x_g, labels, sigma=sigma, noise=noise, sigma_data=s.sigma_data)
+                self.accelerator.backward(loss.sum() / self.batch_per_process)
+            stats["loss_fake_score"] += loss.detach().float().mean().cpu() / cfg.accum_steps
+        bad_f = self._optimizer_step(self.opt_f, self.fake_score)
+
+        # Update generator: SiD loss through teacher and fake score.
+        self._phase(train_fake_score=False)
+        self.opt_g.zero_grad(set_to_none=True)
+        for micro in range(cfg.accum_steps):
+            g, z, labels = self._inputs(micro, "generator")
+            t = torch.rand(z.shape[0], 1, 1, 1, generator=g, device=self.device) * (s.tmax / 1000)
+            sigma = sid_sigma(t, s.sigma_min, s.sigma_max, s.rho)
+            noise = torch.randn(z.shape, generator=g, device=self.device)
+            with self.no_sync_unless_last(self.generator_net, micro), self.autocast():
+                x_g = self.generator(z, labels)
+                loss = generator_loss(self.teacher, self.fake_score_plain, x_g, labels, alpha=s.alpha,
+                                      sigma=sigma, noise=noise)
+                self.accelerator.backward(loss.sum() / self.batch_per_process)
+            nonfinite_g += count_nonfinite(x_g)
+            stats["loss_generator"] += loss.detach().float().mean().cpu() / cfg.accum_steps
+        bad_g = self._optimizer_step(self.opt_g, self.generator_net)
+
+        # Update EMA.
+        self.ema.update(self.accelerator.unwrap_model(self.generator_net), self.cur_nimg, cfg.batch_size)
+        stats.update(nonfinite_samples=torch.tensor(float(nonfinite_f + nonfinite_g)),
+                     nonfinite_grads=torch.tensor(float(bad_f + bad_g)))
+        return stats
+
+    # State, grids, metrics, export.
+
+    def state_dict(self) -> dict:
+        unwrap = self.accelerator.unwrap_model
+        return {"generator": unwrap(self.generator_net).state_dict(), "fake_score": unwrap(self.fake_score).state_dict(),
+                "generator_ema": self.ema.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "opt_f": self.opt_f.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap = self.accelerator.unwrap_model
+        unwrap(self.generator_net).load_state_dict(state["generator"])
+        unwrap(self.fake_score).load_state_dict(state["fake_score"])
+        self.ema.load_state_dict(state["generator_ema"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_f.load_state_dict(state["opt_f"])
+
+    @torch.no_grad()
+    def make_images(self, seeds) -> torch.Tensor:
+        """uint8 one-step samples of the EMA generator for the given seeds."""
+        generator = OneStepGenerator(self.ema.model, self.cfg.sid.sigma_init)
+        z = seed_latents(seeds, self.shape, self.device)
+        with self.autocast():
+            return to_uint8(generator(z, seed_labels(seeds, self.label_dim, self.device)))
+
+    def sample_grid(self) -> torch.Tensor:
+        return self.make_images(list(range(self.cfg.grid_seeds)))
+
+    def evaluate(self) -> dict[str, float]:
+        from .metrics import compute_metrics
+
+        e = self.cfg.eval
+        if not e.metrics:
+            return {}
+        rows = compute_metrics(self.make_images, list(range(e.num_samples)), e.metrics, accelerator=self.accelerator,
+                               batch_size=e.batch_size, detector_path=e.detector, lenet_path=e.lenet,
+                               ref_path=e.ref, ref_dataset=self.dataset, nfe=1, progress=False,
+                               cache_dir=self.run.path)
+        return {r["metric"]: r["value"] for r in rows}
+
+    def on_start(self) -> None:
+        if self.cfg.metrics_kimg > 0 and self.cfg.eval.metrics:
+            self.run.log_stats({"kimg": 0.0, "step": 0, **self.evaluate()})
+
+    def export(self) -> str:
+        path = os.path.join(self.cfg.run_dir, "generator")
+        if self.accelerator.is_main_process:
+            save_generator(self.ema.model, path, self.cfg.sid.sigma_init,
+                           {"teacher": self.cfg.teacher, "kimg": self.cur_nimg / 1000})
+            self._plot()
+        return path
+
+    def _plot(self) -> None:
+        from .metrics import plot_fd_vs_kimg
+
+        for m in self.cfg.eval.metrics:
+            ref = self.teacher_ref.get(m)
+            value = self.cfg.eval.teacher_value if self.cfg.eval.teacher_value is not None else (
+                ref["value"] if ref else None)
+            label = f"teacher ({ref['nfe']} NFE, {ref['num_samples']} samples)" if ref else "teacher"
+            plot_fd_vs_kimg(self.run.stats_file, os.path.join(self.run.path, f"{m.replace('_', '')}_vs_kimg.png"
+                                                              if m != "fd_lenet" else "fd_vs_kimg.png"),
+                            metric=m, teacher_value=value, teacher_label=label)
+
+    def summary(self, export_path: str) -> list[str]:
+        lines = [f"samples: {self.run.samples}", f"generator (EMA, 1 NFE): {export_path}  ->  python sample.py "
+                 f"--generator {export_path} --seeds 0-63 --outdir out"]
+        last = {}
+        if os.path.isfile(self.run.stats_file):
+            with open(self.run.stats_file) as fh:
+                for ln in fh:
+                    last.update({k: v for k, v in json.loads(ln).items() if k in self.cfg.eval.metrics})
+        for m, v in last.items():
+            ref = self.teacher_ref.get(m)
+            teacher = (f"teacher {ref['value']:.3f} ({ref['nfe']} NFE, {ref['num_samples']} samples)" if ref
+                       else "teacher: not measured")
+            lines.append(f"{m}: generator {v:.3f} (1 NFE, {self.cfg.eval.num_samples} samples)  |  {teacher}")
+        return lines

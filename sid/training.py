@@ -1,0 +1,239 @@
+"""The loop shared by every run kind: accelerate setup, kimg schedule, ticks, grids, checkpoints, resume, export.
+
+Subclasses (``sid.train_teacher.TeacherLoop``, ``sid.train_sid.SiDLoop``) supply one optimizer step, their state,
+a sample grid, metrics and the export. Only this layer touches accelerate, optimizers, EMA and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from dataclasses import asdict
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import Config, UserError, validate
+from .runs import RunDir, resolve_resume, save_grid
+
+# ----------------------------------------------------------------------------
+# Accelerate and optimizers.
+
+
+def make_accelerator(cfg: Config):
+    """An ``Accelerator`` for the config; DDP over NCCL or gloo when launched with torchrun/accelerate."""
+    from accelerate import Accelerator
+
+    use_cpu = cfg.cpu or not torch.cuda.is_available()
+    if cfg.mixed_precision == "fp16" and use_cpu:
+        raise UserError("config key 'mixed_precision' is fp16, which needs a CUDA GPU; use bf16 or fp32 on CPU")
+    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.mixed_precision]
+    accelerator = Accelerator(mixed_precision=mp, cpu=use_cpu)
+    validate(cfg, num_processes=accelerator.num_processes)
+    return accelerator
+
+
+def is_ssm_parameter(p: nn.Parameter) -> bool:
+    return bool(getattr(p, "_ssm", False))
+
+
+def param_groups(model: nn.Module, lr: float, ssm_lr: float, weight_decay: float = 0.0) -> list[dict]:
+    """Two optimizer groups: S4's SSM parameters (A, B, P, dt) with their own lr and no weight decay, and the rest."""
+    ssm = [p for p in model.parameters() if p.requires_grad and is_ssm_parameter(p)]
+    rest = [p for p in model.parameters() if p.requires_grad and not is_ssm_parameter(p)]
+    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "base_lr": lr}]
+    if ssm:
+        groups.append({"params": ssm, "lr": ssm_lr, "weight_decay": 0.0, "base_lr": ssm_lr})
+    return groups
+
+
+def sanitize_gradients(params) -> int:
+    """``nan_to_num`` every gradient in place (DESIGN 4); returns how many gradient tensors had non-finite values."""
+    bad = 0
+    for p in params:
+        if p.grad is not None:
+            finite = torch.isfinite(p.grad).all()
+            if not bool(finite):
+                bad += 1
+                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+    return bad
+
+
+def count_nonfinite(x: torch.Tensor) -> int:
+    """Samples (along dim 0) that hold a NaN or Inf."""
+    return int((~torch.isfinite(x.detach()).flatten(1).all(1)).sum())
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+class TrainingLoop:
+    """Runs ``train_step`` until ``total_kimg`` with ticks, grids, metrics, checkpoints, exact resume and export."""
+
+    kind = "base"
+
+    def __init__(self, cfg: Config, accelerator):
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.rank = accelerator.process_index
+        self.world = accelerator.num_processes
+        self.run = RunDir(cfg.run_dir, accelerator.is_main_process)
+        self.cur_nimg = 0
+        self.step = 0
+        self.total_nimg = int(round(cfg.total_kimg * 1000))
+        self.batch_per_process = cfg.batch_size // self.world
+        self.micro_batch = self.batch_per_process // cfg.accum_steps
+
+    # Hooks for subclasses.
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def sample_grid(self) -> torch.Tensor:  # uint8 (N, C, H, W)
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def export(self) -> str:
+        raise NotImplementedError
+
+    def summary(self, export_path: str) -> list[str]:
+        return [f"exported: {export_path}"]
+
+    # Helpers.
+
+    def log(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(msg)
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def no_sync_unless_last(self, model: nn.Module, micro: int):
+        """Skip the DDP all-reduce on all but the last micro-batch (hand-made gradient accumulation)."""
+        if micro < self.cfg.accum_steps - 1 and self.world > 1:
+            return self.accelerator.no_sync(model)
+        return contextlib.nullcontext()
+
+    def _crossed(self, prev_nimg: int, interval_kimg: float) -> bool:
+        every = max(int(round(interval_kimg * 1000)), 1)
+        return self.cur_nimg // every > prev_nimg // every or self.cur_nimg >= self.total_nimg
+
+    def _rank_digests(self) -> list[str]:
+        """SHA-256 of every process's networks; DDP keeps them bit-identical, and a checkpoint records the proof."""
+        from accelerate.utils import gather_object
+
+        h = hashlib.sha256()
+        for name, value in sorted(self.state_dict().items()):
+            if name.startswith("opt"):
+                continue
+            for key, t in sorted(value.items()):
+                h.update(key.encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digests = gather_object([h.hexdigest()]) if self.world > 1 else [h.hexdigest()]
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"processes hold different weights at {self.cur_nimg} images: {digests}")
+        return digests
+
+    def _save_checkpoint(self) -> None:
+        state = {"kind": self.kind, "cur_nimg": self.cur_nimg, "step": self.step, "config": asdict(self.cfg),
+                 "rank_digests": self._rank_digests(), **self.state_dict()}
+        path = self.run.save_checkpoint(state, self.cur_nimg)
+        self.accelerator.wait_for_everyone()
+        if path:
+            self.log(f"checkpoint: {path}")
+
+    def _grid(self) -> None:
+        images = self.sample_grid()
+        if self.accelerator.is_main_process:
+            save_grid(images, self.run.grid_path(self.cur_nimg))
+
+    # Main.
+
+    def resume(self) -> bool:
+        found = resolve_resume(self.cfg.resume, self.cfg.run_dir)
+        if found is None:
+            if self.cfg.resume == "none" and self.accelerator.is_main_process and os.listdir(self.run.checkpoints):
+                raise UserError(f"run_dir '{self.cfg.run_dir}' already holds checkpoints; pass resume=auto to continue "
+                                "that run or choose a new run_dir")
+            return False
+        path, state = found
+        if state.get("kind") != self.kind:
+            raise UserError(f"checkpoint '{path}' is from a {state.get('kind')} run, expected a {self.kind} run")
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UserError(f"checkpoint '{path}' does not match this run's networks ({str(e).splitlines()[0]})") from e
+        self.cur_nimg, self.step = int(state["cur_nimg"]), int(state["step"])
+        self.log(f"resumed from {path} at {self.cur_nimg / 1000:.1f} kimg")
+        return True
+
+    def train(self) -> str:
+        """Run to ``total_kimg``; returns the export path."""
+        resumed = self.resume()
+        self.accelerator.wait_for_everyone()
+        self.run.truncate_stats(self.cur_nimg if resumed else -1)
+        self.run.write_config(self.cfg)
+        if not resumed:
+            self._grid()
+            self.on_start()
+        steps_total = -(-self.total_nimg // self.cfg.batch_size)
+        bar = tqdm(total=steps_total * self.cfg.batch_size, initial=self.cur_nimg, unit="img", unit_scale=True,
+                   disable=not self.accelerator.is_main_process, dynamic_ncols=True, desc=self.kind)
+        tick_start, tick_nimg, sums = time.time(), self.cur_nimg, {}
+        while self.cur_nimg < self.total_nimg:
+            prev = self.cur_nimg
+            stats = self.train_step()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            self.cur_nimg += self.cfg.batch_size
+            self.step += 1
+            bar.update(self.cur_nimg - prev)
+            # Tick: averaged stats, status line.
+            if self._crossed(prev, self.cfg.tick_kimg):
+                steps = max((self.cur_nimg - tick_nimg) // self.cfg.batch_size, 1)
+                record = {"kimg": self.cur_nimg / 1000, "step": self.step}
+                for k, v in sums.items():
+                    v = self.accelerator.reduce(v.to(self.device), "sum" if k.startswith("nonfinite") else "mean")
+                    record[k] = float(v) if k.startswith("nonfinite") else float(v) / steps
+                elapsed = time.time() - tick_start
+                record["sec_per_kimg"] = elapsed / max((self.cur_nimg - tick_nimg) / 1000, 1e-9)
+                if self.cfg.metrics_kimg > 0 and self._crossed(prev, self.cfg.metrics_kimg) or \
+                        self.cur_nimg >= self.total_nimg:
+                    record.update(self.evaluate())
+                self.run.log_stats(record)
+                self.log(self.status_line(record))
+                tick_start, tick_nimg, sums = time.time(), self.cur_nimg, {}
+            if self._crossed(prev, self.cfg.snapshot_kimg):
+                self._grid()
+            if self._crossed(prev, self.cfg.checkpoint_kimg):
+                self._save_checkpoint()
+        bar.close()
+        path = self.export()
+        self.accelerator.wait_for_everyone()
+        for line in self.summary(path):
+            self.log(line)
+        return path
+
+    def on_start(self) -> None:
+        """Called once before the first step of a fresh (not resumed) run."""
+
+    def status_line(self, r: dict) -> str:
+        parts = [f"kimg {r['kimg']:9.3f}", f"step {r['step']:7d}"]
+        for k, v in r.items():
+            if k not in ("kimg", "step", "sec_per_kimg"):
+                parts.append(f"{k} {v:10.4g}" if isinstance(v, float) else f"{k} {v}")
+        parts.append(f"sec/kimg {r['sec_per_kimg']:7.2f}")
+        return " | ".join(parts)

@@ -1,0 +1,176 @@
+"""End to end on CPU: teacher training lowers the loss; exact resume (clean and after SIGKILL); 2 processes agree;
+user errors exit 2 with one sentence."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sid.cli import run
+from sid.config import UserError, load_config
+from sid.runs import list_checkpoints, load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TEACHER_ARGS = ["kind=teacher", "data.name=digits", "network.preset=tiny", "batch_size=16", "tick_kimg=0.032",
+                "snapshot_kimg=1", "checkpoint_kimg=0.064", "train.sample_steps=2", "grid_seeds=4",
+                "mixed_precision=fp32", "train.warmup_kimg=0", "ema.halflife_kimg=0.05"]
+
+
+def sid_args(teacher, run_dir, *extra):
+    return [f"teacher={teacher}", "data.name=digits", f"run_dir={run_dir}", "mixed_precision=fp32", *extra]
+
+
+def load_final(run_dir):
+    return load_checkpoint(list_checkpoints(os.path.join(run_dir, "checkpoints"))[-1])
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+# ----------------------------------------------------------------------------
+# Teacher training.
+
+
+def test_teacher_training_lowers_loss(tmp_path):
+    from sid.loss import edm_loss
+    from sid.teachers import load_teacher
+    from sid.train_teacher import build_denoiser
+
+    cfg = load_config(None, [*TEACHER_ARGS, f"run_dir={tmp_path}", "total_kimg=0.64", "train.lr=2e-3"])
+    run(cfg)
+    from sid.data import digits, to_model_range
+
+    ds = digits()
+    x0 = to_model_range(ds.get_batch(range(256))[0])
+    g = torch.Generator().manual_seed(0)
+    sigma = (torch.randn(256, 1, 1, 1, generator=g) * 1.2 - 1.2).exp()
+    noise = torch.randn(x0.shape, generator=g)
+    torch.manual_seed(cfg.seed)
+    before = build_denoiser(cfg, 16, 1, 10)
+    after = load_teacher(str(tmp_path / "denoiser"))
+    labels = torch.as_tensor(ds.labels[:256])
+    with torch.no_grad():
+        l0 = edm_loss(before, x0, labels, sigma=sigma, noise=noise).mean()
+        l1 = edm_loss(after, x0, labels, sigma=sigma, noise=noise).mean()
+    assert l1 < 0.7 * l0, (float(l0), float(l1))
+    assert os.path.isfile(tmp_path / "config.yaml") and os.path.isfile(tmp_path / "stats.jsonl")
+    assert os.listdir(tmp_path / "samples")
+
+
+def test_teacher_resume_equals_uninterrupted(tmp_path):
+    full = load_config(None, [*TEACHER_ARGS, f"run_dir={tmp_path / 'a'}", "total_kimg=0.192", "accum_steps=2"])
+    run(full)
+    run(load_config(None, [*TEACHER_ARGS, f"run_dir={tmp_path / 'b'}", "total_kimg=0.128", "accum_steps=2"]))
+    run(load_config(None, [*TEACHER_ARGS, f"run_dir={tmp_path / 'b'}", "total_kimg=0.192", "accum_steps=2",
+                           "resume=auto"]))
+    a, b = load_final(tmp_path / "a"), load_final(tmp_path / "b")
+    assert a["cur_nimg"] == b["cur_nimg"] == 192
+    for key in ("net", "ema"):
+        assert_same_state(a[key], b[key])
+
+
+def test_fresh_run_refuses_to_overwrite(tmp_path):
+    args = [*TEACHER_ARGS, f"run_dir={tmp_path}", "total_kimg=0.064"]
+    run(load_config(None, args))
+    with pytest.raises(UserError, match="resume=auto"):
+        run(load_config(None, args))
+
+
+# ----------------------------------------------------------------------------
+# SiD: resume after SIGKILL, checkpoint hygiene, errors.
+
+
+def cli(*args, env=None, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sid_sigkill_resume_equals_uninterrupted(tmp_path, tiny_teacher):
+    common = ["--config", "configs/sid/smoke.yaml", "total_kimg=0.096", "checkpoint_kimg=0.016"]
+    ref = cli("train.py", *common, *sid_args(tiny_teacher, tmp_path / "ref"))
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    # Kill the second run right after its second checkpoint lands.
+    proc = cli("train.py", *common, *sid_args(tiny_teacher, tmp_path / "killed"))
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list_checkpoints(str(ckpts))) < 2:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = list_checkpoints(str(ckpts))
+    assert 2 <= len(done) and load_checkpoint(done[-1])["cur_nimg"] < 96
+    # A half-written checkpoint (temporary name) with a later count is never picked.
+    (ckpts / ".checkpoint-000000090.pt.tmp").write_bytes(b"half written")
+    res = cli("train.py", *common, *sid_args(tiny_teacher, tmp_path / "killed", "resume=auto"))
+    out, err = res.communicate(timeout=300)
+    assert res.returncode == 0, err
+    assert "resumed from" in out + err
+    a, b = load_final(tmp_path / "ref"), load_final(tmp_path / "killed")
+    for key in ("generator", "fake_score", "generator_ema"):
+        assert_same_state(a[key], b[key])
+    # The exported generator is the EMA one and loads for sampling.
+    from sid.teachers import load_generator
+
+    G = load_generator(str(tmp_path / "killed" / "generator"))
+    assert G.init_sigma == 2.5
+
+
+def test_sid_corrupt_checkpoint(tmp_path, tiny_teacher):
+    args = ["--config", "configs/sid/smoke.yaml", *sid_args(tiny_teacher, tmp_path)]
+    p = cli("train.py", *args)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    ckpts = list_checkpoints(str(tmp_path / "checkpoints"))
+    with open(ckpts[-1], "wb") as fh:
+        fh.write(b"corrupt")
+    # An explicit path to it: one sentence, exit 2.
+    p = cli("train.py", *args, f"resume={ckpts[-1]}")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "corrupt" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    # resume=auto skips it and takes the newest complete one.
+    p = cli("train.py", *args, "resume=auto")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert os.path.basename(ckpts[-2]) in out + err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["teacher=/no/such/teacher"], "/no/such/teacher"),
+    (["data.name=mnist5k"], "never resized"),
+])
+def test_sid_user_errors_exit_2(tmp_path, tiny_teacher, extra, needle):
+    p = cli("train.py", "--config", "configs/sid/smoke.yaml", *sid_args(tiny_teacher, tmp_path), *extra)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2, err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------
+# Two processes on CPU.
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_sid_ranks_agree(tmp_path, tiny_teacher):
+    p = cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "train.py",
+            "--config", "configs/sid/smoke.yaml", *sid_args(tiny_teacher, tmp_path), env={"GLOO_SOCKET_IFNAME": "lo"})
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    state = load_final(tmp_path)
+    assert len(state["rank_digests"]) == 2 and state["rank_digests"][0] == state["rank_digests"][1]
+    assert os.path.isdir(tmp_path / "generator")
