@@ -5,6 +5,7 @@ numbers (one per conjugate pair); the full system is the conjugate extension [x;
 C_ext x_ext = 2 Re(C x) and kernels are real.
 """
 
+import functools
 import math
 
 import torch
@@ -25,6 +26,12 @@ def hippo_legs(N: int) -> tuple[Tensor, Tensor]:
 def dplr_init(N: int) -> tuple[Tensor, Tensor, Tensor]:
     """HiPPO-LegS as Lambda - P P* in the eigenbasis of its normal part; returns the M = N/2 conjugate-pair
     halves (Lambda, P, B), complex128 (M,)."""
+    return tuple(t.clone() for t in _dplr_init(N))
+
+
+@functools.lru_cache(maxsize=None)
+def _dplr_init(N: int) -> tuple[Tensor, Tensor, Tensor]:
+    # The same for every layer of a network: computed once per N (eigh is slow on a busy machine).
     A, B = hippo_legs(N)
     P = torch.sqrt(torch.arange(N, dtype=torch.float64) + 0.5)  # (N,)
     # A + P P^T = -I/2 + S with S skew; -iS is Hermitian, so eigh is stable (never diagonalize A itself).
@@ -167,9 +174,21 @@ def direct_conv(u: Tensor, k: Tensor) -> Tensor:
 # The layer.
 
 
+SSM_PARAMETERS = ("log_dt", "log_A_real", "A_imag", "B", "P")
+
+
 def is_ssm_parameter(p: Tensor) -> bool:
-    """True for SSM parameters (A, B, P, log_dt) that belong in their own optimizer group (lr ~1e-3, no decay)."""
+    """True for SSM parameters (A, B, P, log_dt) that belong in their own optimizer group (lr ~1e-3, no decay).
+
+    Relies on a mark set at construction; after loading that replaces Parameter objects use :func:`ssm_parameters`.
+    """
     return bool(getattr(p, "_ssm", False))
+
+
+def ssm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The SSM parameters of every S4 layer inside ``model``, found by name (robust to any way of loading)."""
+    return [m._parameters[n] for m in model.modules() if isinstance(m, S4) for n in SSM_PARAMETERS
+            if m._parameters.get(n) is not None]
 
 
 class S4(nn.Module):
@@ -226,7 +245,7 @@ class S4(nn.Module):
         self._step_cache = None
 
     def _mark_ssm(self) -> None:
-        for name in ("log_dt", "log_A_real", "A_imag", "B", "P"):
+        for name in SSM_PARAMETERS:
             if name in self._parameters:
                 self._parameters[name]._ssm = True
 

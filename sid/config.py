@@ -50,7 +50,7 @@ class TeacherConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     warmup_kimg: float = 10.0  # linear learning-rate warm-up
-    grad_clip: float | None = 1.0  # max global gradient norm; None = off
+    grad_clip: float | None = None  # max global gradient norm; None = off
     label_dropout: float = 0.1  # probability of the null label, for classifier-free guidance
     P_mean: float = -1.2  # EDM lognormal sigma distribution
     P_std: float = 1.2

@@ -36,14 +36,13 @@ def make_accelerator(cfg: Config):
     return accelerator
 
 
-def is_ssm_parameter(p: nn.Parameter) -> bool:
-    return bool(getattr(p, "_ssm", False))
-
-
 def param_groups(model: nn.Module, lr: float, ssm_lr: float, weight_decay: float = 0.0) -> list[dict]:
     """Two optimizer groups: S4's SSM parameters (A, B, P, dt) with their own lr and no weight decay, and the rest."""
-    ssm = [p for p in model.parameters() if p.requires_grad and is_ssm_parameter(p)]
-    rest = [p for p in model.parameters() if p.requires_grad and not is_ssm_parameter(p)]
+    from backbones.s4 import ssm_parameters
+
+    ssm_ids = {id(p) for p in ssm_parameters(model)}
+    ssm = [p for p in model.parameters() if p.requires_grad and id(p) in ssm_ids]
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ssm_ids]
     groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "base_lr": lr}]
     if ssm:
         groups.append({"params": ssm, "lr": ssm_lr, "weight_decay": 0.0, "base_lr": ssm_lr})

@@ -235,3 +235,17 @@ def test_errors():
         s4.S4(4, 8, bidirectional=False).initial_state(1)
     with pytest.raises(ValueError, match="kernel"):
         s4.S4(4, 8, kernel="full")
+
+
+def test_ssm_parameters_found_by_name_after_any_reload():
+    from sid.training import param_groups
+
+    layer = s4.S4(8, 8, kernel="dplr", l_max=16)
+    marked = {id(p) for p in layer.parameters() if s4.is_ssm_parameter(p)}
+    assert {id(p) for p in s4.ssm_parameters(layer)} == marked and len(marked) == 5
+    fresh = s4.S4(8, 8, kernel="dplr", l_max=16)
+    fresh.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    assert len(s4.ssm_parameters(fresh)) == 5
+    groups = param_groups(torch.nn.Sequential(fresh), lr=1e-4, ssm_lr=1e-3)
+    assert len(groups[1]["params"]) == 5 and groups[1]["lr"] == 1e-3 and groups[1]["weight_decay"] == 0
+    assert s4.dplr_init(8)[0] is not s4.dplr_init(8)[0]  # cached, but callers get their own copies

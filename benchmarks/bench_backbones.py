@@ -1,0 +1,302 @@
+"""Benchmark one S4, one MLA and one MHA layer (forward + backward time, memory) versus sequence length, the DPLR
+versus diagonal S4 kernel, the "small" HybridDenoiser preset, and the MLA latent size per token of each preset.
+
+    python benchmarks/bench_backbones.py --quick                 # CPU, well under 5 minutes on 2 cores
+    python benchmarks/bench_backbones.py --device cuda --dtype bf16
+
+Time: median wall time over repeats after warmup, plus the median process CPU time (on a CPU shared with other jobs
+the CPU time is the steadier number; the load average before and after is recorded). Memory: on CUDA the peak
+allocated bytes during forward + backward (above the inputs and weights); on every device the bytes of activations
+saved for backward (unique storages, counted with saved_tensors_hooks). torch's CPU allocator has no peak counter,
+so the peak is reported as null on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from backbones.denoiser import PRESETS, HybridDenoiser  # noqa: E402
+from backbones.mla import MHA, MLA  # noqa: E402
+from backbones.s4 import S4  # noqa: E402
+
+# ----------------------------------------------------------------------------
+# Helpers.
+
+
+def machine_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return dict(torch=torch.__version__, python=platform.python_version(), device=str(device), device_name=name,
+                threads=torch.get_num_threads(), cpu_count=os.cpu_count(), loadavg_start=load_average())
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the unique storages autograd saves for backward while running fn()."""
+    seen = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def time_fn(fn, device: torch.device, warmup: int, repeats: int, budget_s: float) -> tuple[float, float, int]:
+    """Median wall and process CPU seconds of fn() after warmup, and the number of repeats; stops early once
+    budget_s is spent (at least 2 timed repeats)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    wall, cpu, start = [], [], time.perf_counter()
+    for i in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        if i >= 1 and time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(wall), statistics.median(cpu), len(wall)
+
+
+def fit_exponent(Ls: list[int], ts: list[float]) -> float:
+    """Slope of log t versus log L by least squares."""
+    return float(np.polyfit(np.log(Ls), np.log(ts), 1)[0])
+
+# ----------------------------------------------------------------------------
+# Benchmarks.
+
+
+def make_layer(kind: str, d_model: int, n_heads: int, L: int, d_state: int) -> torch.nn.Module:
+    if kind == "S4":
+        return S4(d_model, d_state, kernel="dplr", bidirectional=True, l_max=L)
+    if kind == "MLA":
+        head = d_model // n_heads
+        return MLA(d_model, n_heads, kv_lora_rank=2 * head, qk_nope_head_dim=head, qk_rope_head_dim=head // 2,
+                   v_head_dim=head)
+    return MHA(d_model, n_heads)
+
+
+def bench_layers(args, device: torch.device) -> list[dict]:
+    rows = []
+    for L in args.lengths:
+        side = math.isqrt(L)
+        grid = (side, L // side)
+        for kind in ("S4", "MLA", "MHA"):
+            torch.manual_seed(0)
+            layer = make_layer(kind, args.d_model, args.n_heads, L, args.d_state).to(device)
+            x = torch.randn(args.batch, L, args.d_model, device=device, requires_grad=True)
+            g = torch.randn(args.batch, L, args.d_model, device=device)
+
+            def forward(layer=layer, x=x, grid=grid, kind=kind):
+                with autocast(device, args.dtype):
+                    return layer(x) if kind == "S4" else layer(x, grid)
+
+            def step(forward=forward, layer=layer, x=x, g=g):
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+                (forward().float() * g).sum().backward()
+
+            saved = saved_bytes(forward)
+            peak = None
+            if device.type == "cuda":
+                step()
+                sync(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                step()
+                sync(device)
+                peak = torch.cuda.max_memory_allocated(device) - base
+            wall, cpu, n = time_fn(step, device, args.warmup, args.repeats, args.budget_s)
+            row = dict(layer=kind, L=L, grid=list(grid), time_ms=1e3 * wall, cpu_time_ms=1e3 * cpu, repeats=n,
+                       saved_activation_mb=saved / 2**20, peak_mem_mb=None if peak is None else peak / 2**20,
+                       params=sum(p.numel() for p in layer.parameters()))
+            rows.append(row)
+            mem = "n/a" if peak is None else f"{row['peak_mem_mb']:.1f} MB"
+            print(f"  {kind:>3} L={L:<6d} wall {row['time_ms']:10.2f} ms  cpu {row['cpu_time_ms']:10.2f} ms  "
+                  f"saved {row['saved_activation_mb']:8.1f} MB  peak {mem}", flush=True)
+            del layer, x, g
+    return rows
+
+
+def bench_kernels(args, device: torch.device) -> list[dict]:
+    rows = []
+    for L in args.kernel_lengths:
+        out = dict(L=L)
+        for kernel in ("dplr", "diag"):
+            torch.manual_seed(0)
+            layer = S4(args.d_model, args.d_state, kernel=kernel, bidirectional=True, l_max=L).to(device)
+
+            def run(layer=layer, L=L):
+                with torch.no_grad():
+                    return layer.kernel(L)
+
+            wall, cpu, _ = time_fn(run, device, 1, args.repeats, args.budget_s)
+            out[f"{kernel}_ms"], out[f"{kernel}_cpu_ms"] = 1e3 * wall, 1e3 * cpu
+        out["dplr_over_diag"] = out["dplr_ms"] / out["diag_ms"]
+        rows.append(out)
+        print(f"  L={L:<6d} dplr {out['dplr_ms']:9.2f} ms  diag {out['diag_ms']:9.2f} ms  "
+              f"ratio {out['dplr_over_diag']:.2f}  (cpu {out['dplr_cpu_ms']:.2f} / {out['diag_cpu_ms']:.2f} ms)",
+              flush=True)
+    return rows
+
+
+def bench_small_preset(args, device: torch.device) -> list[dict]:
+    """The embedded MNIST teacher ("small", 32x32x1, 10 classes): forward + backward and forward-only times."""
+    torch.manual_seed(0)
+    model = HybridDenoiser.from_preset("small", 32, 1, label_dim=10).to(device)
+    B = args.preset_batch
+    x, c = torch.randn(B, 1, 32, 32, device=device), torch.randn(B, device=device)
+    labels = torch.randint(0, 10, (B,), device=device)
+    rows = []
+    for dtype in ("fp32", "bf16"):
+
+        def step(dtype=dtype):
+            model.zero_grad(set_to_none=True)
+            with autocast(device, dtype):
+                F_x = model(x, c, labels)
+            F_x.float().square().mean().backward()
+
+        def forward(dtype=dtype):
+            with torch.no_grad(), autocast(device, dtype):
+                return model(x, c, labels)
+
+        wall, cpu, n = time_fn(step, device, 1, args.repeats, args.budget_s)
+        fwall, fcpu, _ = time_fn(forward, device, 1, args.repeats, args.budget_s)
+        rows.append(dict(preset="small", batch=B, dtype=dtype, fwd_bwd_ms=1e3 * wall, fwd_bwd_cpu_ms=1e3 * cpu,
+                         fwd_ms=1e3 * fwall, fwd_cpu_ms=1e3 * fcpu, repeats=n,
+                         params=sum(p.numel() for p in model.parameters())))
+        print(f"  small B={B} {dtype}: fwd+bwd {1e3 * wall:8.1f} ms (cpu {1e3 * cpu:8.1f})  fwd {1e3 * fwall:8.1f} ms "
+              f"(cpu {1e3 * fcpu:8.1f})", flush=True)
+    return rows
+
+
+def latent_sizes() -> list[dict]:
+    rows = []
+    for name, kw in PRESETS.items():
+        with torch.device("meta"):
+            mla = MLA(kw["d_model"], kw["n_heads"], kv_lora_rank=kw["kv_lora_rank"], q_lora_rank=kw.get("q_lora_rank"),
+                      qk_nope_head_dim=kw["qk_nope_head_dim"], qk_rope_head_dim=kw["qk_rope_head_dim"],
+                      v_head_dim=kw["v_head_dim"])
+        mha = 2 * kw["d_model"]                                    # K + V of all heads, = MHA.latent_size_per_token
+        rows.append(dict(preset=name, mla=mla.latent_size_per_token, mha=mha, ratio=mla.latent_size_per_token / mha))
+    return rows
+
+# ----------------------------------------------------------------------------
+# Main.
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="L up to 4096, fewer repeats (CPU: well under 5 minutes)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
+    p.add_argument("--out", default="benchmarks/results/bench_backbones.json")
+    p.add_argument("--d-model", dest="d_model", type=int, default=256)
+    p.add_argument("--n-heads", dest="n_heads", type=int, default=4)
+    p.add_argument("--d-state", dest="d_state", type=int, default=64)
+    p.add_argument("--batch", type=int, default=None, help="default: 2 (quick) or 4")
+    p.add_argument("--preset-batch", dest="preset_batch", type=int, default=128, help="batch for the small preset")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.lengths = [256, 1024, 4096] if args.quick else [256, 1024, 4096, 16384]
+    args.kernel_lengths = [256, 1024, 4096] if args.quick else [256, 1024, 4096, 16384]
+    args.batch = args.batch or (2 if args.quick else 4)
+    args.warmup, args.repeats = (1, 5) if args.quick else (2, 15)
+    args.budget_s = 4.0 if args.quick else 30.0
+
+    info = machine_info(device)
+    print(f"torch {info['torch']} | {info['device_name']} ({info['device']}) | threads {info['threads']} | "
+          f"load {info['loadavg_start']} | dtype {args.dtype} | d_model {args.d_model}, heads {args.n_heads}, "
+          f"d_state {args.d_state}, batch {args.batch}", flush=True)
+
+    print("Forward + backward of one layer (median):", flush=True)
+    layers = bench_layers(args, device)
+    t = {(r["layer"], r["L"]): r["time_ms"] for r in layers}
+    c = {(r["layer"], r["L"]): r["cpu_time_ms"] for r in layers}
+    ratios = [dict(L=L, s4_over_mha=t["S4", L] / t["MHA", L], mla_over_mha=t["MLA", L] / t["MHA", L],
+                   s4_over_mha_cpu=c["S4", L] / c["MHA", L], mla_over_mha_cpu=c["MLA", L] / c["MHA", L])
+              for L in args.lengths]
+    kinds = ("S4", "MLA", "MHA")
+    exponents = {k: fit_exponent(args.lengths, [t[k, L] for L in args.lengths]) for k in kinds}
+    exponents_cpu = {k: fit_exponent(args.lengths, [c[k, L] for L in args.lengths]) for k in kinds}
+
+    print("\n" + f"{'L':>6} {'S4 ms':>10} {'MLA ms':>10} {'MHA ms':>10} {'S4/MHA':>8} {'MLA/MHA':>8}   (wall; cpu)")
+    for r in ratios:
+        L = r["L"]
+        print(f"{L:>6} {t['S4', L]:10.2f} {t['MLA', L]:10.2f} {t['MHA', L]:10.2f} {r['s4_over_mha']:8.3f} "
+              f"{r['mla_over_mha']:8.3f}   ({r['s4_over_mha_cpu']:.3f}, {r['mla_over_mha_cpu']:.3f})")
+    print("time ~ L^k fit (wall): " + ", ".join(f"{k} k={v:.2f}" for k, v in exponents.items()))
+    print("time ~ L^k fit (cpu):  " + ", ".join(f"{k} k={v:.2f}" for k, v in exponents_cpu.items()))
+
+    print("\nS4 kernel computation, DPLR (Cauchy) vs diagonal (Vandermonde), no grad:", flush=True)
+    kernels = bench_kernels(args, device)
+
+    print("\nHybridDenoiser 'small' preset (MNIST teacher, 32x32x1, 10 classes), bf16 = autocast:", flush=True)
+    small = bench_small_preset(args, device)
+
+    print("\nPer-token latent size (MLA: kv_lora_rank + qk_rope_head_dim; MHA: K + V = 2 d_model):")
+    latents = latent_sizes()
+    for r in latents:
+        print(f"  {r['preset']:<11} MLA {r['mla']:5d}  MHA {r['mha']:5d}  ratio {r['ratio']:.3f}")
+
+    info["loadavg_end"] = load_average()
+    config = dict(quick=args.quick, dtype=args.dtype, threads=info["threads"], d_model=args.d_model,
+                  n_heads=args.n_heads, d_state=args.d_state, batch=args.batch)
+    result = dict(machine=info, config=config,
+                  memory_note=("peak_mem_mb: CUDA max_memory_allocated above inputs and weights; null on CPU (no "
+                               "peak counter). saved_activation_mb: unique storages saved for backward."),
+                  layers=layers, ratios=ratios, time_exponents=exponents, time_exponents_cpu=exponents_cpu,
+                  s4_kernels=kernels, small_preset=small, latent_sizes=latents)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
