@@ -66,12 +66,8 @@ def train_main(argv: list[str] | None = None) -> None:
 
 def run(cfg) -> str:
     """Build the accelerator and the loop of ``cfg.kind`` and train; returns the exported folder."""
-    import torch
-
     from .training import make_accelerator
 
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
     accelerator = make_accelerator(cfg)
     if cfg.kind == "teacher":
         from .train_teacher import TeacherLoop as Loop

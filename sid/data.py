@@ -280,7 +280,8 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
     elif cfg.name == "cifar10":
         ds = cifar10(cfg.path, cfg.download)
     else:
-        raise UserError(f"config key 'data.name' is {cfg.name!r}, expected mnist5k, digits, folder, zip, npz or cifar10")
+        raise UserError(f"config key 'data.name' is {cfg.name!r}, expected mnist5k, digits, folder, zip, npz or "
+                        "cifar10")
     if cfg.resolution is not None and cfg.resolution != ds.resolution:
         raise UserError(f"config key 'data.resolution' is {cfg.resolution} but {ds.name} has {ds.resolution}x"
                         f"{ds.resolution} images; images are never resized, prepare them first")

@@ -28,9 +28,9 @@ class EMA:
     def update(self, model: nn.Module, cur_nimg: int, batch_size: int) -> float:
         """Blend ``model`` in; ``cur_nimg`` counts images before this step. Returns the beta used."""
         beta = ema_beta(batch_size, cur_nimg, self.halflife_kimg, self.rampup)
-        for p_ema, p in zip(self.model.parameters(), model.parameters()):
+        for p_ema, p in zip(self.model.parameters(), model.parameters(), strict=True):
             p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - beta)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
         return beta
 

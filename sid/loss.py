@@ -7,7 +7,7 @@ training loop reduces and scales them. Any callable ``D(x, sigma, class_labels)`
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -6,7 +6,7 @@ do not change with batch size or process count.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -76,7 +76,8 @@ def edm_sigmas(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float =
     if num_steps == 1:
         sigmas = torch.tensor([sigma_max], dtype=torch.float64, device=device)
     else:
-        sigmas = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+        lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        sigmas = (hi + i / (num_steps - 1) * (lo - hi)) ** rho
     return torch.cat([sigmas, torch.zeros_like(sigmas[:1])])
 
 

@@ -113,7 +113,7 @@ def _load_diffusers(path: str) -> DiffusersVPDenoiser:
         raise UserError(f"cannot read the scheduler config '{sched_file}' ({e})") from e
     try:
         unet = UNet2DModel.from_pretrained(os.path.join(path, "unet"))
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot load the UNet2DModel in '{path}/unet' ({str(e).splitlines()[0]})") from e
     return DiffusersVPDenoiser(unet, scheduler.alphas_cumprod, scheduler.config.prediction_type, sched_cfg)
 
@@ -127,7 +127,7 @@ def _load_sid(path: str) -> EDMPrecond:
 
     try:
         backbone = HybridDenoiser.from_pretrained(path)
-    except (OSError, ValueError, TypeError, RuntimeError, EnvironmentError) as e:
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
         raise UserError(f"cannot load the sid denoiser in '{path}' ({str(e).splitlines()[0]})") from e
     return EDMPrecond(backbone)
 

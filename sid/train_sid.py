@@ -47,8 +47,8 @@ class SiDLoop(TrainingLoop):
         self.teacher = load_teacher(cfg.teacher).to(self.device)
         self.shape = (self.teacher.img_channels, self.teacher.img_resolution, self.teacher.img_resolution)
         self.label_dim = self.teacher.label_dim
-        self.log(f"teacher: {cfg.teacher} ({type(self.teacher).__name__}, {self.shape[0]}x{self.shape[1]}x"
-                 f"{self.shape[2]}, {'conditional on ' + str(self.label_dim) + ' classes' if self.label_dim else 'unconditional'})")
+        cond = f"{self.label_dim} classes" if self.label_dim else "unconditional"
+        self.log(f"teacher: {cfg.teacher} ({type(self.teacher).__name__}, {'x'.join(map(str, self.shape))}, {cond})")
         # The dataset: label distribution and metric reference; its images must match the teacher.
         self.dataset = load_dataset(cfg.data) if cfg.data.name != "none" else None
         if self.dataset is not None:
@@ -154,9 +154,9 @@ class SiDLoop(TrainingLoop):
 
     def state_dict(self) -> dict:
         unwrap = self.accelerator.unwrap_model
-        return {"generator": unwrap(self.generator_net).state_dict(), "fake_score": unwrap(self.fake_score).state_dict(),
-                "generator_ema": self.ema.state_dict(), "opt_g": self.opt_g.state_dict(),
-                "opt_f": self.opt_f.state_dict()}
+        return {"generator": unwrap(self.generator_net).state_dict(),
+                "fake_score": unwrap(self.fake_score).state_dict(), "generator_ema": self.ema.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_f": self.opt_f.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         unwrap = self.accelerator.unwrap_model

@@ -129,4 +129,5 @@ class TeacherLoop(TrainingLoop):
     def summary(self, export_path: str) -> list[str]:
         return [f"samples: {self.run.samples} ({self.cfg.train.sample_steps} Heun steps = "
                 f"{nfe(self.cfg.train.sample_steps)} NFE)",
-                f"denoiser (EMA): {export_path}  ->  python sample.py --teacher {export_path} --seeds 0-63 --outdir out"]
+                f"denoiser (EMA): {export_path}  ->  python sample.py --teacher {export_path} --seeds 0-63 "
+                "--outdir out"]

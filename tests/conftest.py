@@ -15,7 +15,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_teacher(tmp_path_factory):
     """A class-conditional tiny HybridDenoiser for 16x16x1 digits with small random (non-zero) weights."""
     from backbones import HybridDenoiser
-
     from sid import EDMPrecond
 
     torch.manual_seed(0)

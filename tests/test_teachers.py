@@ -80,7 +80,6 @@ def test_diffusers_round_trip_and_labels(tmp_path):
 
 def test_sid_denoiser_folder(tmp_path):
     from backbones import HybridDenoiser
-
     from sid import EDMPrecond
 
     net = EDMPrecond(HybridDenoiser.from_preset("tiny", 16, 1, label_dim=4))
