@@ -99,7 +99,7 @@ class SiDLoop(TrainingLoop):
         self.fake_score.requires_grad_(train_fake_score)
         self.generator_net.requires_grad_(not train_fake_score)
 
-    def _optimizer_step(self, opt, model) -> int:
+    def _optimizer_step(self, opt, model) -> torch.Tensor:
         if self.accelerator.scaler is not None:
             self.accelerator.unscale_gradients(opt)
         bad = sanitize_gradients(model.parameters())
@@ -108,8 +108,8 @@ class SiDLoop(TrainingLoop):
 
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, s = self.cfg, self.cfg.sid
-        stats = {k: torch.zeros(()) for k in ("loss_fake_score", "loss_generator")}
-        nonfinite_f = nonfinite_g = 0
+        zero = lambda: torch.zeros((), device=self.device)
+        stats = {k: zero() for k in ("loss_fake_score", "loss_generator", "nonfinite_samples")}
 
         # Update fake score: EDM loss on the generator's samples.
         self._phase(train_fake_score=True)
@@ -118,13 +118,13 @@ class SiDLoop(TrainingLoop):
             g, z, labels = self._inputs(micro, "fake_score")
             with torch.no_grad(), self.autocast():
                 x_g = self.generator_plain(z, labels)
-            nonfinite_f += count_nonfinite(x_g)
+            stats["nonfinite_samples"] += count_nonfinite(x_g)
             sigma = (torch.randn(x_g.shape[0], 1, 1, 1, generator=g, device=self.device) * s.P_std + s.P_mean).exp()
             noise = torch.randn(x_g.shape, generator=g, device=self.device)
             with self.no_sync_unless_last(self.fake_score, micro), self.autocast():
                 loss = edm_loss(self.fake_score, x_g, labels, sigma=sigma, noise=noise, sigma_data=s.sigma_data)
                 self.accelerator.backward(loss.sum() / self.batch_per_process)
-            stats["loss_fake_score"] += loss.detach().float().mean().cpu() / cfg.accum_steps
+            stats["loss_fake_score"] += loss.detach().float().mean() / cfg.accum_steps
         bad_f = self._optimizer_step(self.opt_f, self.fake_score)
 
         # Update generator: SiD loss through teacher and fake score.
@@ -140,14 +140,13 @@ class SiDLoop(TrainingLoop):
                 loss = generator_loss(self.teacher, self.fake_score_plain, x_g, labels, alpha=s.alpha,
                                       sigma=sigma, noise=noise)
                 self.accelerator.backward(loss.sum() / self.batch_per_process)
-            nonfinite_g += count_nonfinite(x_g)
-            stats["loss_generator"] += loss.detach().float().mean().cpu() / cfg.accum_steps
+            stats["nonfinite_samples"] += count_nonfinite(x_g)
+            stats["loss_generator"] += loss.detach().float().mean() / cfg.accum_steps
         bad_g = self._optimizer_step(self.opt_g, self.generator_net)
 
         # Update EMA.
         self.ema.update(self.accelerator.unwrap_model(self.generator_net), self.cur_nimg, cfg.batch_size)
-        stats.update(nonfinite_samples=torch.tensor(float(nonfinite_f + nonfinite_g)),
-                     nonfinite_grads=torch.tensor(float(bad_f + bad_g)))
+        stats["nonfinite_grads"] = bad_f + bad_g
         return stats
 
     # State, grids, metrics, export.

@@ -14,7 +14,7 @@ from .loss import edm_loss
 from .precond import EDMPrecond
 from .runs import save_pretrained_atomic
 from .sampling import edm_sampler, nfe, seed_labels, seed_latents
-from .training import TrainingLoop, param_groups, sanitize_gradients
+from .training import TrainingLoop, grad_norm, param_groups, sanitize_gradients
 
 
 def build_denoiser(cfg: Config, resolution: int, channels: int, label_dim: int) -> EDMPrecond:
@@ -92,13 +92,13 @@ class TeacherLoop(TrainingLoop):
         if self.accelerator.scaler is not None:
             self.accelerator.unscale_gradients(self.opt)
         bad = sanitize_gradients(params)
-        grad_norm = torch.zeros(())
         if t.grad_clip is not None:
-            grad_norm = self.accelerator.clip_grad_norm_(params, t.grad_clip)
+            norm = self.accelerator.clip_grad_norm_(params, t.grad_clip)
+        else:
+            norm = grad_norm(params)
         self.opt.step()
         self.ema.update(self.accelerator.unwrap_model(self.net), self.cur_nimg, cfg.batch_size)
-        return {"loss": total, "grad_norm": torch.as_tensor(grad_norm, dtype=torch.float32),
-                "nonfinite_grads": torch.tensor(float(bad))}
+        return {"loss": total, "grad_norm": torch.as_tensor(norm, dtype=torch.float32), "nonfinite_grads": bad}
 
     def state_dict(self) -> dict:
         return {"net": self.accelerator.unwrap_model(self.net).state_dict(), "ema": self.ema.state_dict(),

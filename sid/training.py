@@ -49,21 +49,26 @@ def param_groups(model: nn.Module, lr: float, ssm_lr: float, weight_decay: float
     return groups
 
 
-def sanitize_gradients(params) -> int:
-    """``nan_to_num`` every gradient in place (DESIGN 4); returns how many gradient tensors had non-finite values."""
-    bad = 0
-    for p in params:
-        if p.grad is not None:
-            finite = torch.isfinite(p.grad).all()
-            if not bool(finite):
-                bad += 1
-                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+def sanitize_gradients(params) -> torch.Tensor:
+    """``nan_to_num`` every gradient in place (DESIGN 4). Returns, as a device tensor (no host sync), how many
+    gradient tensors held non-finite values."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    bad = torch.stack([~torch.isfinite(g).all() for g in grads]).sum().float()
+    for g in grads:
+        torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
     return bad
 
 
-def count_nonfinite(x: torch.Tensor) -> int:
-    """Samples (along dim 0) that hold a NaN or Inf."""
-    return int((~torch.isfinite(x.detach()).flatten(1).all(1)).sum())
+def grad_norm(params) -> torch.Tensor:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
+
+
+def count_nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """Samples (along dim 0) that hold a NaN or Inf, as a float device tensor."""
+    return (~torch.isfinite(x.detach()).flatten(1).all(1)).sum().float()
 
 
 # ----------------------------------------------------------------------------
@@ -196,7 +201,7 @@ class TrainingLoop:
             prev = self.cur_nimg
             stats = self.train_step()
             for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
+                sums[k] = sums.get(k, 0.0) + v.detach().float().to(self.device)
             self.cur_nimg += self.cfg.batch_size
             self.step += 1
             bar.update(self.cur_nimg - prev)

@@ -174,3 +174,17 @@ def test_two_process_sid_ranks_agree(tmp_path, tiny_teacher):
     state = load_final(tmp_path)
     assert len(state["rank_digests"]) == 2 and state["rank_digests"][0] == state["rank_digests"][1]
     assert os.path.isdir(tmp_path / "generator")
+
+
+def test_nonfinite_gradients_are_cleaned_and_counted():
+    from sid.training import count_nonfinite, sanitize_gradients
+
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    a.grad = torch.tensor([1.0, float("nan"), float("inf")])
+    b.grad = torch.tensor([2.0, -3.0])
+    assert float(sanitize_gradients([a, b])) == 1
+    assert a.grad.tolist() == [1.0, 0.0, 1e5] and b.grad.tolist() == [2.0, -3.0]
+    x = torch.zeros(4, 1, 2, 2)
+    x[1, 0, 0, 0] = float("nan")
+    x[3, 0, 1, 1] = float("-inf")
+    assert float(count_nonfinite(x)) == 2
