@@ -102,6 +102,8 @@ def sample_main(argv: list[str] | None = None) -> None:
                         "given (default mnist5k)")
     parser.add_argument("--data-path", help="path of that dataset (folder, zip, npz, cifar10 root)")
     parser.add_argument("--detector", help="Inception TorchScript file for fid (inception-2015-12-05.pt)")
+    parser.add_argument("--download-detector", action="store_true", help="download the Inception file for fid if "
+                        "it is missing (needs internet; never done otherwise)")
     parser.add_argument("--lenet", default="assets/detectors/lenet_mnist5k.safetensors", help="fd_lenet detector")
     parser.add_argument("--bf16", action="store_true", help="run the network under bf16 autocast")
     parser.add_argument("--cpu", action="store_true", help="force CPU")
