@@ -262,6 +262,21 @@ def _reference(metric: str, detector: Detector, ref: tuple[np.ndarray, np.ndarra
     return mu, sigma
 
 
+def check_metrics(metrics: Sequence[str], shape: tuple[int, int, int], *, detector_path: str | None = None,
+                  lenet_path: str = DEFAULT_LENET_PATH, ref_path: str | None = None, has_ref_dataset: bool = False,
+                  ) -> None:
+    """Fail fast, before any sampling or training: unknown metric, missing or unreadable detector, an image shape
+    the detector cannot measure, or no source of reference statistics."""
+    paths = {"lenet": lenet_path, "inception": detector_path}
+    for m in metrics:
+        if m not in METRIC_DETECTORS:
+            raise UserError(f"metric {m!r} is not known, expected names from {', '.join(METRIC_DETECTORS)}")
+        load_detector(METRIC_DETECTORS[m], paths[METRIC_DETECTORS[m]]).check_shape(shape[0], shape[1])
+        if ref_path is None and not has_ref_dataset:
+            raise UserError(f"metric '{m}' needs reference statistics: pass a reference .npz (--ref / eval.ref) or a "
+                            "dataset to compute them from")
+
+
 def compute_metrics(make_images: Callable[[list[int]], torch.Tensor], seeds: Sequence[int], metrics: Sequence[str],
                     *, accelerator: Any = None, batch_size: int = 250, detector_path: str | None = None,
                     lenet_path: str = DEFAULT_LENET_PATH, ref_path: str | None = None, ref_dataset=None,

@@ -18,17 +18,6 @@ from .teachers import load_generator, load_teacher
 GRID_MAX = 100  # images drawn in grid.png (the first seeds)
 
 
-def check_detectors(args: Namespace, metrics: list[str], shape: tuple[int, int, int]) -> None:
-    """Load each detector once before any sampling, so a missing file or a wrong image shape fails in a second."""
-    from .detectors import DEFAULT_INCEPTION_PATH, download_inception, load_detector
-
-    if "fid" in metrics and args.download_detector and not os.path.isfile(args.detector or DEFAULT_INCEPTION_PATH):
-        args.detector = download_inception(args.detector)
-    for metric, kind, path in (("fd_lenet", "lenet", args.lenet), ("fid", "inception", args.detector)):
-        if metric in metrics:
-            load_detector(kind, path).check_shape(shape[0], shape[1])
-
-
 def sample(args: Namespace) -> list[dict]:
     from accelerate import Accelerator
 
@@ -61,7 +50,14 @@ def sample(args: Namespace) -> list[dict]:
         num_nfe = nfe(args.steps) * (2 if args.guidance != 1 else 1)
     shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
     label_dim = denoiser.label_dim
-    check_detectors(args, metrics, shape)
+    if metrics:
+        from .detectors import DEFAULT_INCEPTION_PATH, download_inception
+        from .metrics import check_metrics
+
+        if "fid" in metrics and args.download_detector and not os.path.isfile(args.detector or DEFAULT_INCEPTION_PATH):
+            args.detector = download_inception(args.detector)
+        check_metrics(metrics, shape, detector_path=args.detector, lenet_path=args.lenet, ref_path=args.ref,
+                      has_ref_dataset=True)
 
     @torch.no_grad()
     def make_images(batch_seeds) -> torch.Tensor:

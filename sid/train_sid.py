@@ -66,6 +66,11 @@ class SiDLoop(TrainingLoop):
                 raise UserError(f"{self.dataset.name} has {self.dataset.num_classes} classes but the teacher only "
                                 f"{self.label_dim}")
             self.label_table = torch.as_tensor(self.dataset.labels, device=self.device)
+        if cfg.eval.metrics:
+            from .metrics import check_metrics
+
+            check_metrics(cfg.eval.metrics, self.shape, detector_path=cfg.eval.detector, lenet_path=cfg.eval.lenet,
+                          ref_path=cfg.eval.ref, has_ref_dataset=self.dataset is not None)
         # Generator and fake score start as copies of the teacher (of the foreign model for adapters).
         generator_net = copy.deepcopy(self.teacher).train().requires_grad_(True)
         fake_score = copy.deepcopy(self.teacher).train().requires_grad_(True)

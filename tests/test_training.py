@@ -148,6 +148,8 @@ def test_sid_corrupt_checkpoint(tmp_path, tiny_teacher):
 @pytest.mark.parametrize("extra, needle", [
     (["teacher=/no/such/teacher"], "/no/such/teacher"),
     (["data.name=mnist5k"], "never resized"),
+    (["eval.metrics=[fid]", "eval.detector=/no/inception.pt"], "inception-2015-12-05.pt"),
+    (["eval.metrics=[fd_lenet]"], "1x32x32"),
 ])
 def test_sid_user_errors_exit_2(tmp_path, tiny_teacher, extra, needle):
     p = cli("train.py", "--config", "configs/sid/smoke.yaml", *sid_args(tiny_teacher, tmp_path), *extra)
