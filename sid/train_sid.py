@@ -202,10 +202,14 @@ class SiDLoop(TrainingLoop):
         if self.accelerator.is_main_process:
             save_generator(self.ema.model, path, self.cfg.sid.sigma_init,
                            {"teacher": self.cfg.teacher, "kimg": self.cur_nimg / 1000})
-            self._plot()
         return path
 
+    def on_tick(self, record: dict) -> None:
+        if self.accelerator.is_main_process and any(m in record for m in self.cfg.eval.metrics):
+            self._plot()
+
     def _plot(self) -> None:
+        """``fd_vs_kimg.png`` (fd_lenet) or ``<metric>_vs_kimg.png``, with the teacher's value as a line."""
         from .metrics import plot_fd_vs_kimg
 
         for m in self.cfg.eval.metrics:
@@ -213,9 +217,9 @@ class SiDLoop(TrainingLoop):
             value = self.cfg.eval.teacher_value if self.cfg.eval.teacher_value is not None else (
                 ref["value"] if ref else None)
             label = f"teacher ({ref['nfe']} NFE, {ref['num_samples']} samples)" if ref else "teacher"
-            plot_fd_vs_kimg(self.run.stats_file, os.path.join(self.run.path, f"{m.replace('_', '')}_vs_kimg.png"
-                                                              if m != "fd_lenet" else "fd_vs_kimg.png"),
-                            metric=m, teacher_value=value, teacher_label=label)
+            name = "fd_vs_kimg.png" if m == "fd_lenet" else f"{m}_vs_kimg.png"
+            plot_fd_vs_kimg(self.run.stats_file, os.path.join(self.run.path, name), metric=m, teacher_value=value,
+                            teacher_label=label)
 
     def summary(self, export_path: str) -> list[str]:
         lines = [f"samples: {self.run.samples}", f"generator (EMA, 1 NFE): {export_path}  ->  python sample.py "

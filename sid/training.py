@@ -219,6 +219,7 @@ class TrainingLoop:
                     record.update(self.evaluate())
                 self.run.log_stats(record)
                 self.log(self.status_line(record))
+                self.on_tick(record)
                 tick_start, tick_nimg, sums = time.time(), self.cur_nimg, {}
             if self._crossed(prev, self.cfg.snapshot_kimg):
                 self._grid()
@@ -233,6 +234,9 @@ class TrainingLoop:
 
     def on_start(self) -> None:
         """Called once before the first step of a fresh (not resumed) run."""
+
+    def on_tick(self, record: dict) -> None:
+        """Called after each stats line is written."""
 
     def status_line(self, r: dict) -> str:
         parts = [f"kimg {r['kimg']:9.3f}", f"step {r['step']:7d}"]

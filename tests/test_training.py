@@ -190,3 +190,29 @@ def test_nonfinite_gradients_are_cleaned_and_counted():
     x[1, 0, 0, 0] = float("nan")
     x[3, 0, 1, 1] = float("-inf")
     assert float(count_nonfinite(x)) == 2
+
+
+def test_sid_metrics_during_training(tmp_path):
+    """fd_lenet every N kimg (and at kimg 0) lands in stats.jsonl and fd_vs_kimg.png, with the teacher's value."""
+    import json
+
+    from backbones import HybridDenoiser
+
+    from sid import EDMPrecond
+
+    torch.manual_seed(0)
+    teacher = EDMPrecond(HybridDenoiser.from_preset("tiny", 32, 1, label_dim=10))
+    teacher.save_pretrained(str(tmp_path / "teacher"))
+    with open(tmp_path / "teacher" / "metrics.jsonl", "w") as fh:
+        fh.write(json.dumps({"metric": "fd_lenet", "value": 12.5, "num_samples": 40, "nfe": 35}) + "\n")
+    cfg = load_config(None, [f"teacher={tmp_path / 'teacher'}", f"run_dir={tmp_path / 'run'}", "data.name=mnist5k",
+                             "total_kimg=0.032", "batch_size=8", "tick_kimg=0.008", "metrics_kimg=0.016",
+                             "checkpoint_kimg=1", "snapshot_kimg=1", "grid_seeds=4", "eval.num_samples=40",
+                             "eval.batch_size=20", "mixed_precision=fp32"])
+    run(cfg)
+    with open(tmp_path / "run" / "stats.jsonl") as fh:
+        rows = [json.loads(line) for line in fh]
+    measured = [r["kimg"] for r in rows if "fd_lenet" in r]
+    assert measured == [0.0, 0.016, 0.032]
+    assert all(r["fd_lenet"] > 0 for r in rows if "fd_lenet" in r)
+    assert os.path.getsize(tmp_path / "run" / "fd_vs_kimg.png") > 1000
