@@ -29,7 +29,7 @@ def dplr_init(N: int) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(t.clone() for t in _dplr_init(N))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dplr_init(N: int) -> tuple[Tensor, Tensor, Tensor]:
     # The same for every layer of a network: computed once per N (eigh is slow on a busy machine).
     A, B = hippo_legs(N)

@@ -14,14 +14,8 @@ so the peak is reported as null on CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import statistics
 import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -31,39 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backbones.denoiser import PRESETS, HybridDenoiser  # noqa: E402
 from backbones.mla import MHA, MLA  # noqa: E402
 from backbones.s4 import S4  # noqa: E402
+from benchmarks.common import autocast, load_average, machine_info, sync, time_fn, write_json  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # Helpers.
-
-
-def machine_info(device: torch.device) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return dict(torch=torch.__version__, python=platform.python_version(), device=str(device), device_name=name,
-                threads=torch.get_num_threads(), cpu_count=os.cpu_count(), loadavg_start=load_average())
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def autocast(device: torch.device, dtype: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
 
 def saved_bytes(fn) -> int:
@@ -79,24 +44,6 @@ def saved_bytes(fn) -> int:
         out = fn()
     del out
     return sum(seen.values())
-
-
-def time_fn(fn, device: torch.device, warmup: int, repeats: int, budget_s: float) -> tuple[float, float, int]:
-    """Median wall and process CPU seconds of fn() after warmup, and the number of repeats; stops early once
-    budget_s is spent (at least 2 timed repeats)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    wall, cpu, start = [], [], time.perf_counter()
-    for i in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        sync(device)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-        if i >= 1 and time.perf_counter() - start > budget_s:
-            break
-    return statistics.median(wall), statistics.median(cpu), len(wall)
 
 
 def fit_exponent(Ls: list[int], ts: list[float]) -> float:
@@ -291,9 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
                                "peak counter). saved_activation_mb: unique storages saved for backward."),
                   layers=layers, ratios=ratios, time_exponents=exponents, time_exponents_cpu=exponents_cpu,
                   s4_kernels=kernels, small_preset=small, latent_sizes=latents)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(args.out, result)
     print(f"\nwrote {out}")
     return result
 

@@ -1,0 +1,73 @@
+"""Smoke checks of the benchmark scripts: each starts from the command line on a tiny configuration (hidden
+``--smoke``: tiny preset, batch 2, one repeat) and writes a JSON report with the expected keys and positive
+numbers. No timing assertions."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, tmp_path, *extra):
+    out = tmp_path / f"{name}.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--smoke", "--device",
+                           "cpu", "--threads", "1", "--out", str(out), *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    for key in ("command", "date", "machine", "config", "summary", "presets"):
+        assert key in result, key
+    for key in ("torch", "device_name", "cpu", "threads", "loadavg_start", "loadavg_end"):
+        assert key in result["machine"], key
+    assert "--smoke" in result["command"]
+    return result, proc.stdout
+
+
+def assert_timing(row):
+    assert row["time_ms"] > 0 and row["cpu_time_ms"] >= 0 and row["repeats"] >= 1
+    assert len(row["wall_ms_samples"]) == row["repeats"] and all(v > 0 for v in row["wall_ms_samples"])
+    assert row["images_per_s"] > 0
+
+
+def test_bench_sid_step_smoke(tmp_path):
+    result, stdout = run_script("bench_sid_step", tmp_path, "--profile")
+    (preset,) = result["presets"]
+    assert preset["preset"] == "tiny" and preset["batch"] == 2
+    assert set(preset["steps"]) == {"ours/fp32", "plain/fp32", "ours/bf16", "plain/bf16"}
+    for row in preset["steps"].values():
+        assert_timing(row)
+    for dtype in ("fp32", "bf16"):
+        assert preset["ratios"][f"ours_over_plain/{dtype}"] > 0
+        parts = preset["parts"][dtype]
+        assert len(parts["parts"]) == 7 and parts["sum_ms"] > 0
+        assert all(r["time_ms"] > 0 for r in parts["parts"].values())
+        profile = preset["profiles"][dtype]
+        assert len(profile["top_ops"]) == 15 and profile["top_ops"][0]["cpu_ms_per_step"] > 0
+        assert any(r["name"] == "sid::S4.kernel" for r in profile["labelled_ranges"])
+    assert [r["dtype"] for r in result["summary"]] == ["fp32", "bf16"]
+    assert all(r["ours_images_per_s"] > 0 and r["plain_images_per_s"] > 0 for r in result["summary"])
+    assert "ours/fp32" in stdout and "top ops by self CPU time" in stdout
+
+
+def test_bench_sampling_smoke(tmp_path):
+    result, stdout = run_script("bench_sampling", tmp_path)
+    (preset,) = result["presets"]
+    assert preset["preset"] == "tiny" and preset["batch"] == 2 and preset["heun_nfe"] == 35
+    assert set(preset["samplers"]) == {"one-step/fp32", "heun/fp32", "one-step/bf16", "heun/bf16"}
+    for row in preset["samplers"].values():
+        assert_timing(row)
+    for dtype in ("fp32", "bf16"):
+        assert preset["ratios"][dtype]["speedup"] > 0
+    assert "one-step is" in stdout
+
+
+@pytest.mark.parametrize("name", ["bench_sid_step", "bench_sampling"])
+def test_bad_arguments_exit_2(name):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--dtypes", "fp8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "fp8" in proc.stderr
