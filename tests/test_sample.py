@@ -20,7 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def models(tmp_path_factory):
     """A tiny class-conditional teacher for 32x32x1 (mnist5k's shape) and a generator folder made from it."""
     from backbones import HybridDenoiser
-
     from sid import EDMPrecond
 
     torch.manual_seed(0)

@@ -197,7 +197,6 @@ def test_sid_metrics_during_training(tmp_path):
     import json
 
     from backbones import HybridDenoiser
-
     from sid import EDMPrecond
 
     torch.manual_seed(0)
