@@ -201,8 +201,22 @@ def load_config(config_file: str | None = None, overrides: list[str] | None = No
             raise UserError(f"command-line value of '{key}' cannot be parsed: {value!r}") from e
     cfg = _merge(cfg, flat, "on the command line")
     obj = OmegaConf.to_object(cfg)
+    obj.teacher = project_path(obj.teacher)
+    obj.eval.lenet = project_path(obj.eval.lenet)
     validate(obj)
     return obj
+
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def project_path(path: str | None) -> str | None:
+    """A relative path that does not exist from the working directory but does inside the project (the shipped
+    ``assets/...``) resolves to the project's copy, so the embedded default also runs from another directory."""
+    if path is None or os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = os.path.join(PROJECT_ROOT, path)
+    return candidate if os.path.exists(candidate) else path
 
 
 def to_yaml(cfg: Config) -> str:

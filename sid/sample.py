@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import METRICS, DataConfig, UserError
+from .config import METRICS, DataConfig, UserError, project_path
 from .data import load_dataset, to_uint8
 from .runs import save_grid
 from .sampling import edm_sampler, guided, nfe, parse_seeds, seed_labels, seed_latents
@@ -37,6 +37,7 @@ def sample(args: Namespace) -> list[dict]:
     if args.ref is not None and not os.path.isfile(args.ref):
         raise UserError(f"--ref '{args.ref}' does not exist")
 
+    args.lenet = project_path(args.lenet)
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(),
                               mixed_precision="bf16" if args.bf16 else "no")
     device = accelerator.device

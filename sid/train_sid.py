@@ -231,7 +231,11 @@ class SiDLoop(TrainingLoop):
                     last.update({k: v for k, v in json.loads(ln).items() if k in self.cfg.eval.metrics})
         for m, v in last.items():
             ref = self.teacher_ref.get(m)
-            teacher = (f"teacher {ref['value']:.3f} ({ref['nfe']} NFE, {ref['num_samples']} samples)" if ref
-                       else "teacher: not measured")
+            if self.cfg.eval.teacher_value is not None and len(self.cfg.eval.metrics) == 1:
+                teacher = f"teacher {self.cfg.eval.teacher_value:.3f} (eval.teacher_value)"
+            elif ref:
+                teacher = f"teacher {ref['value']:.3f} ({ref['nfe']} NFE, {ref['num_samples']} samples)"
+            else:
+                teacher = "teacher: not measured"
             lines.append(f"{m}: generator {v:.3f} (1 NFE, {self.cfg.eval.num_samples} samples)  |  {teacher}")
         return lines

@@ -25,3 +25,19 @@ def tiny_teacher(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("teacher") / "tiny")
     net.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_32(tmp_path_factory):
+    """A class-conditional tiny HybridDenoiser for mnist5k's 32x32x1 images with small random weights."""
+    from backbones import HybridDenoiser
+    from sid import EDMPrecond
+
+    torch.manual_seed(0)
+    net = EDMPrecond(HybridDenoiser.from_preset("tiny", 32, 1, label_dim=10))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    path = str(tmp_path_factory.mktemp("teacher32") / "tiny")
+    net.save_pretrained(path)
+    return path

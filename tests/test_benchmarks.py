@@ -71,3 +71,20 @@ def test_bad_arguments_exit_2(name):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--dtypes", "fp8"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "fp8" in proc.stderr
+
+
+def test_bench_quality_smoke(tmp_path, tiny_teacher_32):
+    """bench_quality on a tiny random 32x32 teacher: the teacher's fd_lenet, a curve from kimg 0, the PNGs."""
+    out = tmp_path / "q.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_quality.py"), "--smoke",
+                           "--threads", "1", "--teacher", tiny_teacher_32, "--out", str(out)],
+                          cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["teacher"]["nfe"] == 35 and result["teacher"]["fd_lenet"] > 0
+    kimgs = [r["kimg"] for r in result["curve"]]
+    assert kimgs[0] == 0 and kimgs[-1] == 0.032 and len(kimgs) == 3
+    assert all(r["fd_lenet"] > 0 for r in result["curve"])
+    assert result["summary"]["final_fd_lenet"] == result["curve"][-1]["fd_lenet"]
+    assert (tmp_path / "q.png").stat().st_size > 0 and (tmp_path / "q_grids.png").stat().st_size > 0

@@ -139,3 +139,14 @@ def test_torchvision_ops_imports():
 
     import backbones  # noqa: F401
     import sid  # noqa: F401
+
+
+def test_shipped_assets_resolve_from_another_directory(tmp_path, monkeypatch):
+    """Relative asset paths of the defaults (eval.lenet, teacher) fall back to the project's copy."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["kind=teacher", "data.name=digits"])
+    assert os.path.isabs(cfg.eval.lenet) and os.path.isfile(cfg.eval.lenet)
+    (tmp_path / "assets" / "detectors").mkdir(parents=True)
+    (tmp_path / "assets" / "detectors" / "lenet_mnist5k.safetensors").write_bytes(b"local")
+    local = load_config(None, ["kind=teacher", "data.name=digits"])
+    assert local.eval.lenet == "assets/detectors/lenet_mnist5k.safetensors"  # the working directory wins
