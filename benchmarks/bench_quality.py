@@ -32,10 +32,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import load_average, machine_info, machine_line, pick_threads, write_json  # noqa: E402
 from sid.config import DataConfig, UserError, load_config  # noqa: E402
 from sid.data import load_dataset, to_uint8  # noqa: E402
+from sid.detectors import load_lenet  # noqa: E402
 from sid.metrics import compute_metrics, plot_fd_vs_kimg  # noqa: E402
 from sid.runs import save_grid  # noqa: E402
 from sid.sampling import edm_sampler, nfe, seed_labels, seed_latents  # noqa: E402
-from sid.teachers import load_teacher  # noqa: E402
+from sid.teachers import load_generator, load_teacher  # noqa: E402
 
 MAIN_CONFIG = str(ROOT / "configs" / "sid" / "mnist5k.yaml")
 DEFAULT_TEACHER = str(ROOT / "assets" / "teachers" / "mnist5k")
@@ -45,24 +46,62 @@ DEFAULT_LENET = str(ROOT / "assets" / "detectors" / "lenet_mnist5k.safetensors")
 # Teacher.
 
 
+class ClassAgreement:
+    """Share of generated images that the shipped MNIST classifier assigns to the class they were asked for."""
+
+    def __init__(self, lenet: str):
+        self.net = load_lenet(lenet)[0].eval()
+        self.hits, self.total = 0, 0
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+        if labels is not None:
+            self.hits += int((self.net(images).argmax(1) == labels.to(images.device)).sum())
+            self.total += len(labels)
+
+    @property
+    def value(self) -> float | None:
+        return self.hits / self.total if self.total else None
+
+
 def teacher_fd(teacher_path: str, num_samples: int, steps: int, bf16: bool, lenet: str, cache_dir: str,
-               grid_seeds: int) -> tuple[dict, torch.Tensor, float]:
-    """fd_lenet of the teacher's Heun samples on seeds 0..num_samples-1, its grid of the first seeds, and seconds."""
+               grid_seeds: int) -> tuple[dict, torch.Tensor, float, float | None]:
+    """fd_lenet of the teacher's Heun samples on seeds 0..num_samples-1, its grid of the first seeds, seconds, and
+    the class agreement of those samples."""
     teacher = load_teacher(teacher_path).eval().requires_grad_(False)
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     dataset = load_dataset(DataConfig(name="mnist5k"))
+    agreement = ClassAgreement(lenet)
 
     @torch.no_grad()
-    def make_images(seeds):
-        z = seed_latents(seeds, shape)
+    def make_images(seeds, count=True):
+        z, labels = seed_latents(seeds, shape), seed_labels(seeds, teacher.label_dim)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return to_uint8(edm_sampler(teacher, z, seed_labels(seeds, teacher.label_dim), num_steps=steps))
+            images = to_uint8(edm_sampler(teacher, z, labels, num_steps=steps))
+        if count:
+            agreement.update(images, labels)
+        return images
 
     t0 = time.perf_counter()
     (row,) = compute_metrics(make_images, list(range(num_samples)), ["fd_lenet"], batch_size=100,
                              lenet_path=lenet, ref_dataset=dataset, nfe=nfe(steps), cache_dir=cache_dir)
     seconds = time.perf_counter() - t0
-    return row, make_images(list(range(grid_seeds))), seconds
+    return row, make_images(list(range(grid_seeds)), count=False), seconds, agreement.value
+
+
+@torch.no_grad()
+def generator_agreement(generator_dir: str, num_samples: int, bf16: bool, lenet: str) -> float | None:
+    """Class agreement of the exported (EMA) generator on seeds 0..num_samples-1."""
+    generator = load_generator(generator_dir)
+    denoiser = generator.denoiser
+    shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
+    agreement = ClassAgreement(lenet)
+    for start in range(0, num_samples, 250):
+        seeds = list(range(start, min(start + 250, num_samples)))
+        labels = seed_labels(seeds, denoiser.label_dim)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            agreement.update(to_uint8(generator(seed_latents(seeds, shape), labels)), labels)
+    return agreement.value
 
 # ----------------------------------------------------------------------------
 # The distillation run and its curve.
@@ -185,8 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
         # Measure the teacher on the same seeds.
         print(f"teacher: {args.teacher}, {nfe(args.teacher_steps)} NFE, fd_lenet on {num_samples} samples ...",
               flush=True)
-        row, teacher_grid, teacher_s = teacher_fd(args.teacher, num_samples, args.teacher_steps, bf16, DEFAULT_LENET,
-                                                  tmp, grid_seeds)
+        row, teacher_grid, teacher_s, teacher_agree = teacher_fd(args.teacher, num_samples, args.teacher_steps, bf16,
+                                                                 DEFAULT_LENET, tmp, grid_seeds)
         teacher_value = args.teacher_value if args.teacher_value is not None else row["value"]
         print(f"teacher fd_lenet {row['value']:.3f} ({row['num_samples']} samples, {row['nfe']} NFE, "
               f"{teacher_s:.0f} s)", flush=True)
@@ -213,6 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
                        (f"generator, 1 NFE, {kimg_of(grids[-1]):g} kimg", grids[-1])]
         grids_side_by_side(panels, str(grids_png))
         run_wall = wall_seconds(run_dir)
+        generator_dir = os.path.join(run_dir, "generator")
+        generator_agree = generator_agreement(generator_dir, num_samples, bf16, DEFAULT_LENET) \
+            if os.path.isdir(generator_dir) else None
 
     reached = first_at_or_below(curve, teacher_value)
     best = min(curve, key=lambda kv: kv[1])
@@ -222,16 +264,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"best {best[1]:.3f} at {best[0]:g} kimg; final {curve[-1][1]:.3f} at {curve[-1][0]:g} kimg = "
           f"{curve[-1][1] / teacher_value:.2f}x the teacher; "
           + (f"reaches the teacher at {reached:g} kimg" if reached is not None else "does not reach the teacher"))
+    if teacher_agree is not None and generator_agree is not None:
+        print(f"class agreement (the shipped classifier predicts the requested label) on {num_samples} samples: "
+              f"teacher {100 * teacher_agree:.1f} %, generator {100 * generator_agree:.1f} %")
     info["loadavg_end"] = load_average()
     result = dict(machine=info, config=dict(quick=args.quick, smoke=args.smoke, from_run=args.from_run,
                                             teacher=args.teacher, kimg=curve[-1][0], metrics_kimg=metrics_kimg,
                                             num_samples=num_samples, teacher_steps=args.teacher_steps, bf16=bf16,
                                             overrides=args.overrides),
                   teacher=dict(fd_lenet=row["value"], used_value=teacher_value, num_samples=row["num_samples"],
-                               nfe=row["nfe"], seconds=teacher_s),
+                               nfe=row["nfe"], seconds=teacher_s, class_agreement=teacher_agree),
                   curve=[dict(kimg=k, fd_lenet=v, over_teacher=v / teacher_value) for k, v in curve],
                   summary=dict(final_fd_lenet=curve[-1][1], final_over_teacher=curve[-1][1] / teacher_value,
                                best_fd_lenet=best[1], best_kimg=best[0], kimg_to_reach_teacher=reached,
+                               generator_class_agreement=generator_agree,
                                train_seconds=train_s, run_wall_seconds_from_stats=run_wall,
                                total_seconds=time.perf_counter() - t_start),
                   files=dict(curve_png=str(png), grids_png=str(grids_png)),

@@ -86,5 +86,7 @@ def test_bench_quality_smoke(tmp_path, tiny_teacher_32):
     kimgs = [r["kimg"] for r in result["curve"]]
     assert kimgs[0] == 0 and kimgs[-1] == 0.032 and len(kimgs) == 3
     assert all(r["fd_lenet"] > 0 for r in result["curve"])
+    for agreement in (result["teacher"]["class_agreement"], result["summary"]["generator_class_agreement"]):
+        assert 0 <= agreement <= 1
     assert result["summary"]["final_fd_lenet"] == result["curve"][-1]["fd_lenet"]
     assert (tmp_path / "q.png").stat().st_size > 0 and (tmp_path / "q_grids.png").stat().st_size > 0
