@@ -21,14 +21,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from backbones.denoiser import HybridDenoiser  # noqa: E402
 from benchmarks.common import (  # noqa: E402
+    IMAGES,
     autocast,
     load_average,
     machine_info,
     machine_line,
     measure,
     pick_threads,
+    random_denoiser,
     summary,
     tune_malloc,
     write_json,
@@ -37,21 +38,12 @@ from sid.generator import OneStepGenerator  # noqa: E402
 from sid.precond import EDMPrecond  # noqa: E402
 from sid.sampling import edm_sampler, nfe  # noqa: E402
 
-# Image shape and classes of each preset: (resolution, channels, label_dim).
-IMAGES = {"tiny": (32, 1, 10), "small": (32, 1, 10), "cifar10": (32, 3, 10), "imagenet64": (64, 3, 1000)}
-
 # ----------------------------------------------------------------------------
 # One preset.
 
 
 def make_denoiser(preset: str, device: torch.device, seed: int = 0) -> EDMPrecond:
-    torch.manual_seed(seed)
-    res, channels, label_dim = IMAGES[preset]
-    net = EDMPrecond(HybridDenoiser.from_preset(preset, res, channels, label_dim=label_dim))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.02 * torch.randn_like(p))  # F != 0 (adaLN-Zero starts at F = 0)
-    return net.to(device).eval().requires_grad_(False)
+    return random_denoiser(preset, seed).to(device).eval().requires_grad_(False)
 
 
 def bench_preset(args, preset: str, device: torch.device) -> dict:

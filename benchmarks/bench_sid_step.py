@@ -37,22 +37,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from backbones.denoiser import HybridDenoiser  # noqa: E402
 from benchmarks.common import (  # noqa: E402
+    IMAGES,
     autocast,
     load_average,
     machine_info,
     machine_line,
     measure,
     pick_threads,
+    random_denoiser,
     summary,
     tune_malloc,
     write_json,
 )
-from sid.precond import EDMPrecond  # noqa: E402
 
-# Image shape and classes of each preset: (resolution, channels, label_dim).
-IMAGES = {"tiny": (32, 1, 10), "small": (32, 1, 10), "cifar10": (32, 3, 10), "imagenet64": (64, 3, 1000)}
 DTYPES = ("fp32", "bf16")  # OURS loops are built in this order (see build_ours)
 
 # ----------------------------------------------------------------------------
@@ -60,14 +58,8 @@ DTYPES = ("fp32", "bf16")  # OURS loops are built in this order (see build_ours)
 
 
 def save_teacher(preset: str, folder: str, seed: int = 0) -> None:
-    """A random EDMPrecond(HybridDenoiser) teacher, perturbed so that F != 0, written with save_pretrained."""
-    torch.manual_seed(seed)
-    res, channels, label_dim = IMAGES[preset]
-    net = EDMPrecond(HybridDenoiser.from_preset(preset, res, channels, label_dim=label_dim))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    net.save_pretrained(folder)
+    """A random teacher (``common.random_denoiser``) written with save_pretrained."""
+    random_denoiser(preset, seed).save_pretrained(folder)
 
 
 def build_ours(teacher: str, run_dir: str, batch: int, dtype: str, device: torch.device):

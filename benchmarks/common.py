@@ -173,3 +173,24 @@ def time_fn(fn, device: torch.device, warmup: int, repeats: int, budget_s: float
     budget_s is spent (at least 2 timed repeats)."""
     s = measure({"fn": fn}, device, warmup=warmup, repeats=repeats, budget_s=budget_s)["fn"]
     return statistics.median(s["wall"]), statistics.median(s["cpu"]), len(s["wall"])
+
+# ----------------------------------------------------------------------------
+# Networks.
+
+# Image shape and classes of each preset: (resolution, channels, label_dim).
+IMAGES = {"tiny": (32, 1, 10), "small": (32, 1, 10), "cifar10": (32, 3, 10), "imagenet64": (64, 3, 1000)}
+
+
+def random_denoiser(preset: str, seed: int = 0):
+    """A random EDMPrecond(HybridDenoiser) of ``preset`` at its image shape, with weights perturbed so that F != 0
+    (adaLN-Zero starts at F = 0). Speed does not depend on what the weights are."""
+    from backbones.denoiser import HybridDenoiser
+    from sid.precond import EDMPrecond
+
+    torch.manual_seed(seed)
+    res, channels, label_dim = IMAGES[preset]
+    net = EDMPrecond(HybridDenoiser.from_preset(preset, res, channels, label_dim=label_dim))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return net

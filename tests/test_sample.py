@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from sid.teachers import save_generator
 
@@ -17,20 +16,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tiny_teacher_32, tmp_path_factory):
     """A tiny class-conditional teacher for 32x32x1 (mnist5k's shape) and a generator folder made from it."""
-    from backbones import HybridDenoiser
-    from sid import EDMPrecond
+    from sid.teachers import load_teacher
 
-    torch.manual_seed(0)
-    net = EDMPrecond(HybridDenoiser.from_preset("tiny", 32, 1, label_dim=10))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    root = tmp_path_factory.mktemp("models")
-    net.save_pretrained(str(root / "teacher"))
-    save_generator(net, str(root / "generator"), sigma_init=2.5)
-    return str(root / "teacher"), str(root / "generator")
+    generator = str(tmp_path_factory.mktemp("models") / "generator")
+    save_generator(load_teacher(tiny_teacher_32), generator, sigma_init=2.5)
+    return tiny_teacher_32, generator
 
 
 def sample(*args, launcher=None, env=None):
