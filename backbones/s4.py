@@ -175,6 +175,8 @@ def direct_conv(u: Tensor, k: Tensor) -> Tensor:
 
 
 SSM_PARAMETERS = ("log_dt", "log_A_real", "A_imag", "B", "P")
+SSM_KERNEL_PARAMETERS = (*SSM_PARAMETERS, "C")  # everything the convolution kernel depends on
+KERNEL_CACHE = True  # S4.cached_kernel reuses kernels of unchanged, gradient-free parameters (benchmarks toggle it)
 
 
 def is_ssm_parameter(p: Tensor) -> bool:
@@ -243,6 +245,7 @@ class S4(nn.Module):
         self.out_proj = nn.Linear(H, 2 * H)
         self._mark_ssm()
         self._step_cache = None
+        self._kernel_cache = None  # (key, kernel); see cached_kernel
 
     def _mark_ssm(self) -> None:
         for name in SSM_PARAMETERS:
@@ -253,6 +256,12 @@ class S4(nn.Module):
         # deepcopy / pickle make new Parameter objects without the mark.
         super().__setstate__(state)
         self._mark_ssm()
+        self._kernel_cache = None
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .float() / .cuda() make new parameter storages: drop the cached kernel.
+        self._kernel_cache = None
+        return super()._apply(fn, *args, **kwargs)
 
     def _continuous(self) -> dict[str, Tensor]:
         # Continuous parameters as complex tensors, float64 when the layer is, float32 otherwise.
@@ -285,13 +294,37 @@ class S4(nn.Module):
         y = self.dropout(F.gelu(y))
         return F.glu(self.out_proj(y.to(self.out_proj.weight.dtype)), dim=-1)
 
+    def _kernel_key(self, L: int) -> tuple | None:
+        """Identity of the current kernel parameters (storage, version counter, dtype), or None when the kernel
+        must be rebuilt because gradients will flow into it. Optimizer steps, load_state_dict, EMA updates and
+        .to() all change a storage or bump a version counter, so a stale kernel is never reused."""
+        params = [self._parameters[n] for n in SSM_KERNEL_PARAMETERS if n in self._parameters]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return None
+        try:
+            return (L, *((p.data_ptr(), p._version, p.dtype) for p in params))
+        except RuntimeError:  # inference tensors have no version counter
+            return None
+
+    def cached_kernel(self, L: int) -> Tensor:
+        """``kernel(L)``, reused while the parameters are unchanged and need no gradient: a frozen teacher, the
+        multi-step sampler and no-grad generator calls compute each layer's kernel once, not once per call."""
+        key = self._kernel_key(L) if KERNEL_CACHE and not torch.compiler.is_compiling() else None
+        if key is None:
+            self._kernel_cache = None
+            return self.kernel(L)
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            with torch.no_grad():
+                self._kernel_cache = (key, self.kernel(L))
+        return self._kernel_cache[1]
+
     def forward(self, u: Tensor) -> Tensor:
         """Convolution mode: u (B, L, d_model) -> (B, L, d_model), in u's dtype."""
         if u.ndim != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"S4 expects input (batch, length, {self.d_model}), got {tuple(u.shape)}")
         # Kernel and FFTs in fp32 even under bf16 autocast.
         with torch.autocast(device_type=u.device.type, enabled=False):
-            k = self.kernel(u.shape[1])  # (dirs, H, L)
+            k = self.cached_kernel(u.shape[1])  # (dirs, H, L)
             x = u.to(k.dtype).transpose(1, 2)  # (B, H, L)
             y = fft_conv(x, k) + self.D.to(k.dtype)[:, None] * x  # (B, H, L)
         return self._output(y.transpose(1, 2)).to(u.dtype)  # (B, L, H)

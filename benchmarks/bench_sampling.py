@@ -6,9 +6,11 @@ EDM Heun sampler (``sid.sampling.edm_sampler``, 18 steps = 35 network evaluation
 
 Both samplers run interleaved (one-step, Heun, one-step, Heun, ...) for each dtype (fp32, bf16 autocast); a one-step
 sample is the mean over several consecutive calls, so that its sample takes a comparable time. Reported: images/s
-of each, the speed ratio (ideally about the NFE ratio, 35), and the Heun time per network evaluation relative to
-one generator call (the sampler's own overhead). The networks are random EDMPrecond(HybridDenoiser) presets with
-perturbed weights (F != 0); sampling speed does not depend on what the weights are.
+of each, the speed ratio (ideally about the NFE ratio, 35), the Heun time per network evaluation relative to
+one generator call (the sampler's own overhead), and Heun with the S4 kernel cache switched off (every network
+evaluation rebuilding every layer's kernel, as before ``S4.cached_kernel``), interleaved with the rest. The
+networks are random EDMPrecond(HybridDenoiser) presets with perturbed weights (F != 0); sampling speed does not
+depend on what the weights are.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from backbones import s4  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     IMAGES,
     autocast,
@@ -71,7 +74,15 @@ def bench_preset(args, preset: str, device: torch.device) -> dict:
             with autocast(device, dtype):
                 return edm_sampler(denoiser, latents, labels, num_steps=args.steps)
 
+        def heun_no_cache(dtype=dtype):
+            s4.KERNEL_CACHE = False  # every network evaluation rebuilds every S4 kernel (before the cache existed)
+            try:
+                return heun(dtype)
+            finally:
+                s4.KERNEL_CACHE = True
+
         variants[f"one-step/{dtype}"], variants[f"heun/{dtype}"] = one_step, heun
+        variants[f"heun-no-kernel-cache/{dtype}"] = heun_no_cache
         inners[f"one-step/{dtype}"] = inner
     t0 = time.perf_counter()
     raw = measure(variants, device, warmup=q["warmup"], repeats=q["repeats"], budget_s=q["budget_s"], inner=inners)
@@ -85,7 +96,8 @@ def bench_preset(args, preset: str, device: torch.device) -> dict:
     for dtype in args.dtypes:
         one, h = rows[f"one-step/{dtype}"], rows[f"heun/{dtype}"]
         ratios[dtype] = dict(speedup=h["time_ms"] / one["time_ms"], speedup_cpu=h["cpu_time_ms"] / one["cpu_time_ms"],
-                             nfe_ratio=n_heun, heun_per_nfe_over_one_step=h["time_ms"] / n_heun / one["time_ms"])
+                             nfe_ratio=n_heun, heun_per_nfe_over_one_step=h["time_ms"] / n_heun / one["time_ms"],
+                             kernel_cache_speedup=rows[f"heun-no-kernel-cache/{dtype}"]["time_ms"] / h["time_ms"])
     if "fp32" in args.dtypes and "bf16" in args.dtypes:
         for who in ("one-step", "heun"):
             ratios[f"{who}_bf16_speedup"] = rows[f"{who}/fp32"]["time_ms"] / rows[f"{who}/bf16"]["time_ms"]
@@ -103,7 +115,8 @@ def print_preset(r: dict) -> None:
     for k, v in r["ratios"].items():
         if isinstance(v, dict):
             print(f"  {k}: one-step is {v['speedup']:.1f}x faster (cpu {v['speedup_cpu']:.1f}x; NFE ratio "
-                  f"{v['nfe_ratio']}); Heun time per NFE / one-step time = {v['heun_per_nfe_over_one_step']:.3f}")
+                  f"{v['nfe_ratio']}); Heun time per NFE / one-step time = {v['heun_per_nfe_over_one_step']:.3f}; "
+                  f"S4 kernel cache makes Heun {v['kernel_cache_speedup']:.2f}x faster")
         else:
             print(f"  {k}: {v:.3f}")
 

@@ -58,11 +58,12 @@ def test_bench_sampling_smoke(tmp_path):
     result, stdout = run_script("bench_sampling", tmp_path)
     (preset,) = result["presets"]
     assert preset["preset"] == "tiny" and preset["batch"] == 2 and preset["heun_nfe"] == 35
-    assert set(preset["samplers"]) == {"one-step/fp32", "heun/fp32", "one-step/bf16", "heun/bf16"}
+    assert set(preset["samplers"]) == {f"{s}/{d}" for s in ("one-step", "heun", "heun-no-kernel-cache")
+                                      for d in ("fp32", "bf16")}
     for row in preset["samplers"].values():
         assert_timing(row)
     for dtype in ("fp32", "bf16"):
-        assert preset["ratios"][dtype]["speedup"] > 0
+        assert preset["ratios"][dtype]["speedup"] > 0 and preset["ratios"][dtype]["kernel_cache_speedup"] > 0
     assert "one-step is" in stdout
 
 

@@ -249,3 +249,53 @@ def test_ssm_parameters_found_by_name_after_any_reload():
     groups = param_groups(torch.nn.Sequential(fresh), lr=1e-4, ssm_lr=1e-3)
     assert len(groups[1]["params"]) == 5 and groups[1]["lr"] == 1e-3 and groups[1]["weight_decay"] == 0
     assert s4.dplr_init(8)[0] is not s4.dplr_init(8)[0]  # cached, but callers get their own copies
+
+
+@pytest.mark.parametrize("kernel", ["dplr", "diag"])
+def test_kernel_cache_is_reused_only_while_parameters_are_unchanged(kernel, monkeypatch):
+    """The cached kernel equals a fresh one; it is rebuilt after an optimizer step, load_state_dict and .to(), and
+    never used when gradients must reach the SSM parameters."""
+    m = make(kernel, d_model=4, d_state=8)
+    u = torch.randn(2, 16, 4, dtype=torch.float64)
+    calls = []
+    build = s4.S4.kernel
+    monkeypatch.setattr(s4.S4, "kernel", lambda self, L: calls.append(L) or build(self, L))
+
+    def fresh(x):
+        monkeypatch.setattr(s4, "KERNEL_CACHE", False)
+        try:
+            return m(x)
+        finally:
+            monkeypatch.setattr(s4, "KERNEL_CACHE", True)
+
+    # Frozen parameters: one kernel for many calls, with or without grad to the input.
+    m.requires_grad_(False)
+    with torch.no_grad():
+        y1, y2 = m(u), m(u)
+    x = u.clone().requires_grad_(True)
+    y3 = m(x)
+    (gx,) = torch.autograd.grad(y3.sum(), x)
+    assert len(calls) == 1 and torch.equal(y1, y2) and torch.equal(y1, y3.detach())
+    assert torch.allclose(y1, fresh(u), rtol=0, atol=0)
+    (gx_ref,) = torch.autograd.grad(fresh(x).sum(), x)
+    assert torch.allclose(gx, gx_ref, rtol=1e-12, atol=1e-12)
+
+    # Trainable parameters with grad enabled: rebuilt every call, and gradients reach the SSM parameters.
+    m.requires_grad_(True)
+    calls.clear()
+    m(u).sum().backward()
+    m(u)
+    assert len(calls) == 2 and m.log_dt.grad is not None and m.C.grad.abs().sum() > 0
+
+    # An optimizer step, load_state_dict and .to() invalidate the cache.
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with torch.no_grad():
+        before = m(u)
+        opt.step()
+        after = m(u)
+    assert not torch.allclose(before, after) and torch.equal(after, fresh(u))
+    state = {k: v.clone() for k, v in make(kernel, d_model=4, d_state=8, seed=3).state_dict().items()}
+    with torch.no_grad():
+        m.load_state_dict(state)
+        assert torch.equal(m(u), fresh(u))
+        assert torch.allclose(m.float()(u.float()), fresh(u.float()), rtol=0, atol=0)
