@@ -108,6 +108,9 @@ def sample(args: Namespace) -> list[dict]:
         rows = compute_metrics(make_images, seeds, metrics, accelerator=accelerator, batch_size=args.batch,
                                detector_path=args.detector, lenet_path=args.lenet, ref_path=args.ref,
                                ref_dataset=ref_dataset, nfe=num_nfe)
+        if args.teacher:
+            for r in rows:
+                r.update(steps=args.steps, guidance=args.guidance)
         if accelerator.is_main_process:
             append_jsonl(os.path.join(args.outdir, "metrics.jsonl"), rows)
             for r in rows:

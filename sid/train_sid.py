@@ -32,7 +32,7 @@ def teacher_reference(teacher_path: str, metric: str, num_samples: int) -> dict 
         return None
     with open(path) as fh:
         rows = [json.loads(ln) for ln in fh if ln.strip()]
-    rows = [r for r in rows if r.get("metric") == metric]
+    rows = [r for r in rows if r.get("metric") == metric and r.get("guidance", 1) == 1]  # SiD distils D, unguided
     if not rows:
         return None
     return min(rows, key=lambda r: abs(int(r.get("num_samples", 0)) - num_samples))

@@ -47,7 +47,21 @@ def test_teacher_sampling_with_fd_lenet(models, tmp_path):
         assert f["seeds"].tolist() == list(range(20)) and f["labels"].shape == (20,)
     (row,) = read_jsonl(tmp_path / "metrics.jsonl")
     assert row["metric"] == "fd_lenet" and row["num_samples"] == 20 and row["nfe"] == 3
+    assert row["steps"] == 2 and row["guidance"] == 1
     assert np.isfinite(row["value"]) and row["value"] > 0
+
+
+def test_teacher_reference_ignores_guided_rows(tmp_path):
+    """SiD distils the unguided teacher: its reference value comes from a guidance-1 row of metrics.jsonl."""
+    from sid.train_sid import teacher_reference
+
+    rows = [{"metric": "fd_lenet", "value": 5.0, "num_samples": 2000, "nfe": 69, "guidance": 3.0},
+            {"metric": "fd_lenet", "value": 9.0, "num_samples": 1000, "nfe": 35, "guidance": 1.0},
+            {"metric": "fd_lenet", "value": 8.0, "num_samples": 2000, "nfe": 35, "guidance": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert teacher_reference(str(tmp_path), "fd_lenet", 2000)["value"] == 8.0
+    assert teacher_reference(str(tmp_path), "fd_lenet", 900)["value"] == 9.0
+    assert teacher_reference(str(tmp_path), "fid", 2000) is None
 
 
 def test_generator_sampling_is_per_seed(models, tmp_path):
