@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import rng
-from .config import UserError
+from .config import UserError, project_path
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -152,17 +152,9 @@ def save_lenet(net: LeNet, path: str, metadata: dict[str, str]) -> None:
     os.replace(tmp, path)
 
 
-def _resolve_asset(path: str) -> str:
-    """A relative path that does not exist from the working directory is looked up from the repository root."""
-    if os.path.isfile(path) or os.path.isabs(path):
-        return path
-    alt = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
-    return alt if os.path.isfile(alt) else path
-
-
 def load_lenet(path: str, device: torch.device | str = "cpu") -> tuple[LeNet, dict[str, str]]:
     """LeNet + its metadata from a safetensors file written by :func:`save_lenet`."""
-    path = _resolve_asset(path)
+    path = project_path(path)
     if not os.path.isfile(path):
         raise UserError(f"LeNet detector file '{path}' does not exist; train it with `{LENET_TRAIN_COMMAND}` or pass "
                         "its path (eval.lenet)")
