@@ -1,5 +1,6 @@
-"""Benchmark one S4, one MLA and one MHA layer (forward + backward time, memory) versus sequence length, the DPLR
-versus diagonal S4 kernel, the "small" HybridDenoiser preset, and the MLA latent size per token of each preset.
+"""Benchmark one S4, one MLA and one MHA layer (forward + backward time, memory) versus sequence length; the S4
+kernel by DPLR (Cauchy), diagonal (Vandermonde) and the naive dense matrix powers; the "small" HybridDenoiser
+preset; and the MLA latent size per token of each preset.
 
     python benchmarks/bench_backbones.py --quick                 # CPU, well under 5 minutes on 2 cores
     python benchmarks/bench_backbones.py --device cuda --dtype bf16
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backbones.denoiser import PRESETS, HybridDenoiser  # noqa: E402
 from backbones.mla import MHA, MLA  # noqa: E402
-from backbones.s4 import S4  # noqa: E402
+from backbones.s4 import S4, dplr_kernel_naive  # noqa: E402
 from benchmarks.common import autocast, load_average, machine_info, sync, time_fn, write_json  # noqa: E402
 
 # ----------------------------------------------------------------------------
@@ -46,9 +47,9 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-def fit_exponent(Ls: list[int], ts: list[float]) -> float:
-    """Slope of log t versus log L by least squares."""
-    return float(np.polyfit(np.log(Ls), np.log(ts), 1)[0])
+def fit_exponent(Ls: list[int], ts: list[float]) -> float | None:
+    """Slope of log t versus log L by least squares; None with fewer than two lengths."""
+    return float(np.polyfit(np.log(Ls), np.log(ts), 1)[0]) if len(Ls) >= 2 else None
 
 # ----------------------------------------------------------------------------
 # Benchmarks.
@@ -107,24 +108,37 @@ def bench_layers(args, device: torch.device) -> list[dict]:
 
 
 def bench_kernels(args, device: torch.device) -> list[dict]:
+    """Kernel computation of one S4 layer, no grad: DPLR (Cauchy + Woodbury, O(N L)), diagonal (Vandermonde) and
+    the naive reference of the same DPLR system (dense bilinear A_bar, K_k = C A_bar^k B_bar by repeated
+    matrix-vector products, O(N^2 L)), at the lengths in args.naive_lengths."""
     rows = []
     for L in args.kernel_lengths:
         out = dict(L=L)
-        for kernel in ("dplr", "diag"):
+        for kernel in ("dplr", "diag", "naive"):
+            if kernel == "naive" and L not in args.naive_lengths:
+                out["naive_ms"] = out["naive_cpu_ms"] = None
+                continue
             torch.manual_seed(0)
-            layer = S4(args.d_model, args.d_state, kernel=kernel, bidirectional=True, l_max=L).to(device)
+            layer = S4(args.d_model, args.d_state, kernel="diag" if kernel == "diag" else "dplr",
+                       bidirectional=True, l_max=L).to(device)
 
-            def run(layer=layer, L=L):
+            def run(layer=layer, L=L, naive=kernel == "naive"):
                 with torch.no_grad():
-                    return layer.kernel(L)
+                    if not naive:
+                        return layer.kernel(L)
+                    s = layer._continuous()
+                    return dplr_kernel_naive(s["A"], s["P"], s["B"], s["C"], s["dt"], L)
 
             wall, cpu, _ = time_fn(run, device, 1, args.repeats, args.budget_s)
             out[f"{kernel}_ms"], out[f"{kernel}_cpu_ms"] = 1e3 * wall, 1e3 * cpu
         out["dplr_over_diag"] = out["dplr_ms"] / out["diag_ms"]
+        out["naive_over_dplr"] = out["naive_ms"] / out["dplr_ms"] if out["naive_ms"] is not None else None
         rows.append(out)
+        naive = (f"naive {out['naive_ms']:9.2f} ms  naive/dplr {out['naive_over_dplr']:6.1f}"
+                 if out["naive_ms"] is not None else "naive      (skipped)")
         print(f"  L={L:<6d} dplr {out['dplr_ms']:9.2f} ms  diag {out['diag_ms']:9.2f} ms  "
-              f"ratio {out['dplr_over_diag']:.2f}  (cpu {out['dplr_cpu_ms']:.2f} / {out['diag_cpu_ms']:.2f} ms)",
-              flush=True)
+              f"dplr/diag {out['dplr_over_diag']:.2f}  {naive}  "
+              f"(cpu {out['dplr_cpu_ms']:.2f} / {out['diag_cpu_ms']:.2f} ms)", flush=True)
     return rows
 
 
@@ -185,15 +199,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=None, help="default: 2 (quick) or 4")
     p.add_argument("--preset-batch", dest="preset_batch", type=int, default=128, help="batch for the small preset")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: tiny layers, L 64/256, 1 repeat
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.lengths = [256, 1024, 4096] if args.quick else [256, 1024, 4096, 16384]
     args.kernel_lengths = [256, 1024, 4096] if args.quick else [256, 1024, 4096, 16384]
+    args.naive_lengths = [256, 1024, 4096] if args.quick else [256, 1024, 4096]  # O(N^2 L) loop of L steps
     args.batch = args.batch or (2 if args.quick else 4)
     args.warmup, args.repeats = (1, 5) if args.quick else (2, 15)
     args.budget_s = 4.0 if args.quick else 30.0
+    if args.smoke:
+        args.lengths = args.kernel_lengths = [64, 256]
+        args.naive_lengths = [64]
+        args.d_model, args.n_heads, args.d_state, args.batch, args.preset_batch = 32, 2, 8, 1, 2
+        args.warmup, args.repeats, args.budget_s = 0, 1, 1.0
 
     info = machine_info(device)
     print(f"torch {info['torch']} | {info['device_name']} ({info['device']}) | threads {info['threads']} | "
@@ -219,8 +240,14 @@ def main(argv: list[str] | None = None) -> dict:
     print("time ~ L^k fit (wall): " + ", ".join(f"{k} k={v:.2f}" for k, v in exponents.items()))
     print("time ~ L^k fit (cpu):  " + ", ".join(f"{k} k={v:.2f}" for k, v in exponents_cpu.items()))
 
-    print("\nS4 kernel computation, DPLR (Cauchy) vs diagonal (Vandermonde), no grad:", flush=True)
+    print(f"\nS4 kernel computation of one layer (d_model {args.d_model}, d_state {args.d_state}, bidirectional), "
+          "no grad: DPLR (Cauchy), diagonal (Vandermonde), naive DPLR (dense matrix powers):", flush=True)
     kernels = bench_kernels(args, device)
+    kernel_exponents = {k: fit_exponent([r["L"] for r in kernels if r[f"{k}_ms"]],
+                                        [r[f"{k}_ms"] for r in kernels if r[f"{k}_ms"]])
+                        for k in ("dplr", "diag", "naive")}
+    print("kernel time ~ L^k fit (wall): " + ", ".join(f"{k} k={v:.2f}" for k, v in kernel_exponents.items()
+                                                       if v is not None))
 
     print("\nHybridDenoiser 'small' preset (MNIST teacher, 32x32x1, 10 classes), bf16 = autocast:", flush=True)
     small = bench_small_preset(args, device)
@@ -231,13 +258,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {r['preset']:<11} MLA {r['mla']:5d}  MHA {r['mha']:5d}  ratio {r['ratio']:.3f}")
 
     info["loadavg_end"] = load_average()
-    config = dict(quick=args.quick, dtype=args.dtype, threads=info["threads"], d_model=args.d_model,
+    config = dict(quick=args.quick, smoke=args.smoke, dtype=args.dtype, threads=info["threads"], d_model=args.d_model,
                   n_heads=args.n_heads, d_state=args.d_state, batch=args.batch)
     result = dict(machine=info, config=config,
                   memory_note=("peak_mem_mb: CUDA max_memory_allocated above inputs and weights; null on CPU (no "
                                "peak counter). saved_activation_mb: unique storages saved for backward."),
                   layers=layers, ratios=ratios, time_exponents=exponents, time_exponents_cpu=exponents_cpu,
-                  s4_kernels=kernels, small_preset=small, latent_sizes=latents)
+                  s4_kernels=kernels, s4_kernel_exponents=kernel_exponents, small_preset=small, latent_sizes=latents)
     out = write_json(args.out, result)
     print(f"\nwrote {out}")
     return result

@@ -91,3 +91,26 @@ def test_bench_quality_smoke(tmp_path, tiny_teacher_32):
         assert 0 <= agreement <= 1
     assert result["summary"]["final_fd_lenet"] == result["curve"][-1]["fd_lenet"]
     assert (tmp_path / "q.png").stat().st_size > 0 and (tmp_path / "q_grids.png").stat().st_size > 0
+
+
+def test_bench_backbones_smoke(tmp_path):
+    """bench_backbones on tiny layers: every layer and kernel timed, the naive kernel only where asked, ratios and
+    latent sizes consistent with the rows they come from."""
+    out = tmp_path / "bench_backbones.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_backbones.py"), "--smoke",
+                           "--device", "cpu", "--threads", "1", "--out", str(out)],
+                          cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert "--smoke" in result["command"] and result["config"]["smoke"]
+    assert {(r["layer"], r["L"]) for r in result["layers"]} == {(k, L) for k in ("S4", "MLA", "MHA") for L in (64, 256)}
+    assert all(r["time_ms"] > 0 and r["saved_activation_mb"] > 0 for r in result["layers"])
+    k64, k256 = result["s4_kernels"]
+    assert k64["naive_ms"] > 0 and k64["naive_over_dplr"] == pytest.approx(k64["naive_ms"] / k64["dplr_ms"])
+    assert k256["naive_ms"] is None and k256["naive_over_dplr"] is None
+    assert k256["dplr_over_diag"] == pytest.approx(k256["dplr_ms"] / k256["diag_ms"])
+    exps = result["s4_kernel_exponents"]
+    assert exps["naive"] is None and exps["dplr"] is not None and exps["diag"] is not None  # naive: one length
+    assert {r["preset"]: r["ratio"] for r in result["latent_sizes"]}["small"] == pytest.approx(80 / 256)
+    assert "naive/dplr" in proc.stdout
