@@ -15,6 +15,7 @@ so the peak is reported as null on CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from backbones import s4  # noqa: E402
 from backbones.denoiser import PRESETS, HybridDenoiser  # noqa: E402
 from backbones.mla import MHA, MLA  # noqa: E402
 from backbones.s4 import S4, dplr_kernel_naive  # noqa: E402
@@ -110,19 +112,22 @@ def bench_layers(args, device: torch.device) -> list[dict]:
 def bench_kernels(args, device: torch.device) -> list[dict]:
     """Kernel computation of one S4 layer, no grad: DPLR (Cauchy + Woodbury, O(N L)), diagonal (Vandermonde) and
     the naive reference of the same DPLR system (dense bilinear A_bar, K_k = C A_bar^k B_bar by repeated
-    matrix-vector products, O(N^2 L)), at the lengths in args.naive_lengths."""
+    matrix-vector products, O(N^2 L)), at the lengths in args.naive_lengths. Then forward + backward of the DPLR
+    and diagonal kernels computed in chunks (the default, s4.CHUNK_ELEMENTS) and with the whole (H, N, L) matrix
+    materialised at once, side by side."""
     rows = []
     for L in args.kernel_lengths:
         out = dict(L=L)
+        layers = {}
+        for kernel in ("dplr", "diag"):
+            torch.manual_seed(0)
+            layers[kernel] = S4(args.d_model, args.d_state, kernel=kernel, bidirectional=True, l_max=L).to(device)
         for kernel in ("dplr", "diag", "naive"):
             if kernel == "naive" and L not in args.naive_lengths:
                 out["naive_ms"] = out["naive_cpu_ms"] = None
                 continue
-            torch.manual_seed(0)
-            layer = S4(args.d_model, args.d_state, kernel="diag" if kernel == "diag" else "dplr",
-                       bidirectional=True, l_max=L).to(device)
 
-            def run(layer=layer, L=L, naive=kernel == "naive"):
+            def run(layer=layers["diag" if kernel == "diag" else "dplr"], L=L, naive=kernel == "naive"):
                 with torch.no_grad():
                     if not naive:
                         return layer.kernel(L)
@@ -133,13 +138,43 @@ def bench_kernels(args, device: torch.device) -> list[dict]:
             out[f"{kernel}_ms"], out[f"{kernel}_cpu_ms"] = 1e3 * wall, 1e3 * cpu
         out["dplr_over_diag"] = out["dplr_ms"] / out["diag_ms"]
         out["naive_over_dplr"] = out["naive_ms"] / out["dplr_ms"] if out["naive_ms"] is not None else None
+        for kernel, layer in layers.items():
+
+            def grad_step(layer=layer, L=L):
+                layer.zero_grad(set_to_none=True)
+                layer.kernel(L).square().sum().backward()
+
+            for mode in ("chunked", "whole"):
+                with chunking(device, None if mode == "chunked" else 2**62):
+                    wall, _, _ = time_fn(grad_step, device, 1, args.repeats, args.budget_s)
+                out[f"{kernel}_grad_{mode}_ms"] = 1e3 * wall
+            out[f"{kernel}_chunk_speedup"] = out[f"{kernel}_grad_whole_ms"] / out[f"{kernel}_grad_chunked_ms"]
         rows.append(out)
         naive = (f"naive {out['naive_ms']:9.2f} ms  naive/dplr {out['naive_over_dplr']:6.1f}"
                  if out["naive_ms"] is not None else "naive      (skipped)")
         print(f"  L={L:<6d} dplr {out['dplr_ms']:9.2f} ms  diag {out['diag_ms']:9.2f} ms  "
               f"dplr/diag {out['dplr_over_diag']:.2f}  {naive}  "
               f"(cpu {out['dplr_cpu_ms']:.2f} / {out['diag_cpu_ms']:.2f} ms)", flush=True)
+        print(f"  {'':8s} fwd+bwd chunked/whole: dplr {out['dplr_grad_chunked_ms']:9.2f} / "
+              f"{out['dplr_grad_whole_ms']:9.2f} ms ({out['dplr_chunk_speedup']:.2f}x)   diag "
+              f"{out['diag_grad_chunked_ms']:9.2f} / {out['diag_grad_whole_ms']:9.2f} ms "
+              f"({out['diag_chunk_speedup']:.2f}x)", flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def chunking(device: torch.device, elements: int | None):
+    """Temporarily set the S4 kernels' chunk size on this device type (None: leave the default)."""
+    old = s4.CHUNK_ELEMENTS.get(device.type)
+    if elements is not None:
+        s4.CHUNK_ELEMENTS[device.type] = elements
+    try:
+        yield
+    finally:
+        if old is None:
+            s4.CHUNK_ELEMENTS.pop(device.type, None)
+        else:
+            s4.CHUNK_ELEMENTS[device.type] = old
 
 
 def bench_small_preset(args, device: torch.device) -> list[dict]:

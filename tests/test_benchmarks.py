@@ -110,6 +110,10 @@ def test_bench_backbones_smoke(tmp_path):
     assert k64["naive_ms"] > 0 and k64["naive_over_dplr"] == pytest.approx(k64["naive_ms"] / k64["dplr_ms"])
     assert k256["naive_ms"] is None and k256["naive_over_dplr"] is None
     assert k256["dplr_over_diag"] == pytest.approx(k256["dplr_ms"] / k256["diag_ms"])
+    for row in (k64, k256):
+        for kernel in ("dplr", "diag"):
+            whole, chunked = row[f"{kernel}_grad_whole_ms"], row[f"{kernel}_grad_chunked_ms"]
+            assert row[f"{kernel}_chunk_speedup"] == pytest.approx(whole / chunked)
     exps = result["s4_kernel_exponents"]
     assert exps["naive"] is None and exps["dplr"] is not None and exps["diag"] is not None  # naive: one length
     assert {r["preset"]: r["ratio"] for r in result["latent_sizes"]}["small"] == pytest.approx(80 / 256)

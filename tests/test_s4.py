@@ -76,8 +76,47 @@ def test_s4d_init_and_dt_range():
 # Fast kernels against naive references.
 
 
+@pytest.fixture(params=["one chunk", "many chunks"])
+def chunking(request, monkeypatch):
+    """Run a kernel test with the default chunk size (one chunk at these sizes) and with 120-element chunks, which
+    for d_model 3 split the products into chunks of 5 (Cauchy, N = 8) or 10 (Vandermonde, M = 4) with a ragged
+    last chunk."""
+    if request.param == "many chunks":
+        monkeypatch.setitem(s4.CHUNK_ELEMENTS, "cpu", 120)
+    return request.param
+
+
+def test_cauchy_matches_materialised_product_and_its_gradients(monkeypatch):
+    monkeypatch.setitem(s4.CHUNK_ELEMENTS, "cpu", 7 * 6)  # H N = 6: chunks of 7 over K = 23
+    g = torch.Generator().manual_seed(0)
+    R, H, N, K = 3, 2, 3, 23
+
+    def c(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.complex128)
+
+    v, lam, s = c(R, H, N).requires_grad_(), (c(H, N) - 2).requires_grad_(), c(H, K).requires_grad_()
+    a = torch.polar(torch.ones(K, dtype=torch.float64), torch.linspace(0, 3, K, dtype=torch.float64)) + 3
+    r, r_ref = s4.cauchy(v, lam, s, a), s4.cauchy_naive(v, lam, s, a)
+    assert r.shape == (R, H, K) and rel_err(r, r_ref) < 1e-14
+    w = c(R, H, K)  # a random complex projection: the loss Re sum(r conj(w)) sees every entry of r
+
+    def loss_grads(out, inputs):
+        return torch.autograd.grad((out * w.conj()).real.sum(), inputs)
+
+    for grad, grad_ref in zip(loss_grads(r, [v, lam, s]), loss_grads(r_ref, [v, lam, s]), strict=True):
+        assert grad.abs().max() > 0
+        assert rel_err(grad, grad_ref) < 1e-13
+    assert torch.autograd.gradcheck(lambda v, lam, s: s4.cauchy(v, lam, s, a), (v, lam, s))
+    # Only the inputs that need a gradient get one; second derivatives are refused, not silently wrong.
+    (g_s,) = torch.autograd.grad(s4.cauchy(v.detach(), lam.detach(), s, a).abs().sum(), [s])
+    assert torch.allclose(g_s, torch.autograd.grad(s4.cauchy_naive(v, lam, s, a).abs().sum(), [s])[0])
+    (g_v,) = torch.autograd.grad(s4.cauchy(v, lam, s, a).abs().sum(), [v], create_graph=True)
+    with pytest.raises(RuntimeError):
+        g_v.abs().sum().backward()
+
+
 @pytest.mark.parametrize("L, l_max, bidirectional", [(32, 32, False), (33, 33, True), (20, 48, True), (16, None, True)])
-def test_dplr_kernel_matches_matrix_powers(L, l_max, bidirectional):
+def test_dplr_kernel_matches_matrix_powers(L, l_max, bidirectional, chunking):
     m = make("dplr", bidirectional, l_max=l_max)
     params = [m.C, m.log_dt, m.log_A_real, m.A_imag, m.B, m.P]
     k = m.kernel(L)
@@ -90,10 +129,10 @@ def test_dplr_kernel_matches_matrix_powers(L, l_max, bidirectional):
 
 
 @pytest.mark.parametrize("init", ["lin", "inv"])
-def test_diag_kernel_matches_recurrence(init):
+def test_diag_kernel_matches_recurrence(init, chunking):
     m = make("diag", True, diag_init=init)
     params = [m.C, m.log_dt, m.log_A_real, m.A_imag, m.B]
-    L = 40
+    L = 43  # ragged last chunk with 120-element chunks
     k = m.kernel(L)
     s = m._continuous()
     k_ref = s4.diag_kernel_naive(s["A"], s["B"], s["C"], s["dt"], L)
