@@ -1,6 +1,6 @@
 """Benchmark one S4, one MLA and one MHA layer (forward + backward time, memory) versus sequence length; the S4
 kernel by DPLR (Cauchy), diagonal (Vandermonde) and the naive dense matrix powers; the "small" HybridDenoiser
-preset; and the MLA latent size per token of each preset.
+presets; and the MLA latent size per token of each preset.
 
     python benchmarks/bench_backbones.py --quick                 # CPU, well under 5 minutes on 2 cores
     python benchmarks/bench_backbones.py --device cuda --dtype bf16
@@ -28,7 +28,7 @@ from backbones import s4  # noqa: E402
 from backbones.denoiser import PRESETS, HybridDenoiser  # noqa: E402
 from backbones.mla import MHA, MLA  # noqa: E402
 from backbones.s4 import S4, dplr_kernel_naive  # noqa: E402
-from benchmarks.common import autocast, load_average, machine_info, sync, time_fn, write_json  # noqa: E402
+from benchmarks.common import IMAGES, autocast, load_average, machine_info, sync, time_fn, write_json  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # Helpers.
@@ -177,36 +177,40 @@ def chunking(device: torch.device, elements: int | None):
             s4.CHUNK_ELEMENTS[device.type] = old
 
 
-def bench_small_preset(args, device: torch.device) -> list[dict]:
-    """The embedded MNIST teacher ("small", 32x32x1, 10 classes): forward + backward and forward-only times."""
-    torch.manual_seed(0)
-    model = HybridDenoiser.from_preset("small", 32, 1, label_dim=10).to(device)
-    B = args.preset_batch
-    x, c = torch.randn(B, 1, 32, 32, device=device), torch.randn(B, device=device)
-    labels = torch.randint(0, 10, (B,), device=device)
+def bench_presets(args, device: torch.device) -> list[dict]:
+    """Whole denoisers: forward + backward (S4 kernels chunked, the default, and materialised whole, side by side)
+    and forward-only times of each preset in args.presets at its batch in args.preset_batches."""
     rows = []
-    for dtype in ("fp32", "bf16"):
+    for preset in args.presets:
+        res, channels, label_dim = IMAGES[preset]
+        torch.manual_seed(0)
+        model = HybridDenoiser.from_preset(preset, res, channels, label_dim=label_dim).to(device)
+        B = args.preset_batches[preset]
+        x, c = torch.randn(B, channels, res, res, device=device), torch.randn(B, device=device)
+        labels = torch.randint(0, label_dim, (B,), device=device)
+        for dtype in ("fp32", "bf16"):
 
-        def step(dtype=dtype):
-            model.zero_grad(set_to_none=True)
-            with autocast(device, dtype):
-                F_x = model(x, c, labels)
-            F_x.float().square().mean().backward()
+            def step(dtype=dtype, model=model, x=x, c=c, labels=labels):
+                model.zero_grad(set_to_none=True)
+                with autocast(device, dtype):
+                    F_x = model(x, c, labels)
+                F_x.float().square().mean().backward()
 
-        def forward(dtype=dtype):
-            with torch.no_grad(), autocast(device, dtype):
-                return model(x, c, labels)
+            def forward(dtype=dtype, model=model, x=x, c=c, labels=labels):
+                with torch.no_grad(), autocast(device, dtype):
+                    return model(x, c, labels)
 
-        wall, cpu, n = time_fn(step, device, 1, args.repeats, args.budget_s)
-        with chunking(device, 2**62):  # the same step with each S4 kernel's (H, N, L) matrix materialised whole
-            whole, _, _ = time_fn(step, device, 1, args.repeats, args.budget_s)
-        fwall, fcpu, _ = time_fn(forward, device, 1, args.repeats, args.budget_s)
-        rows.append(dict(preset="small", batch=B, dtype=dtype, fwd_bwd_ms=1e3 * wall, fwd_bwd_cpu_ms=1e3 * cpu,
-                         fwd_bwd_whole_kernel_ms=1e3 * whole, chunk_speedup=whole / wall, fwd_ms=1e3 * fwall,
-                         fwd_cpu_ms=1e3 * fcpu, repeats=n, params=sum(p.numel() for p in model.parameters())))
-        print(f"  small B={B} {dtype}: fwd+bwd {1e3 * wall:8.1f} ms (cpu {1e3 * cpu:8.1f}; whole S4 kernels "
-              f"{1e3 * whole:8.1f} ms, chunked {whole / wall:.2f}x faster)  fwd {1e3 * fwall:8.1f} ms "
-              f"(cpu {1e3 * fcpu:8.1f})", flush=True)
+            wall, cpu, n = time_fn(step, device, 1, args.repeats, args.budget_s)
+            with chunking(device, 2**62):  # the same step with each S4 kernel's (H, N, L) matrix materialised whole
+                whole, _, _ = time_fn(step, device, 1, args.repeats, args.budget_s)
+            fwall, fcpu, _ = time_fn(forward, device, 1, args.repeats, args.budget_s)
+            rows.append(dict(preset=preset, batch=B, dtype=dtype, fwd_bwd_ms=1e3 * wall, fwd_bwd_cpu_ms=1e3 * cpu,
+                             fwd_bwd_whole_kernel_ms=1e3 * whole, chunk_speedup=whole / wall, fwd_ms=1e3 * fwall,
+                             fwd_cpu_ms=1e3 * fcpu, repeats=n, params=sum(p.numel() for p in model.parameters())))
+            print(f"  {preset:<10s} B={B:<4d} {dtype}: fwd+bwd {1e3 * wall:9.1f} ms (cpu {1e3 * cpu:9.1f}; whole S4 "
+                  f"kernels {1e3 * whole:9.1f} ms, chunked {whole / wall:.2f}x faster)  fwd {1e3 * fwall:8.1f} ms "
+                  f"(cpu {1e3 * fcpu:8.1f})", flush=True)
+        del model
     return rows
 
 
@@ -235,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-heads", dest="n_heads", type=int, default=4)
     p.add_argument("--d-state", dest="d_state", type=int, default=64)
     p.add_argument("--batch", type=int, default=None, help="default: 2 (quick) or 4")
-    p.add_argument("--preset-batch", dest="preset_batch", type=int, default=128, help="batch for the small preset")
+    p.add_argument("--presets", default="small,cifar10", help="comma-separated denoiser presets to time whole")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: tiny layers, L 64/256, 1 repeat
     args = p.parse_args(argv)
@@ -248,12 +252,18 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch = args.batch or (2 if args.quick else 4)
     args.warmup, args.repeats = (1, 5) if args.quick else (2, 15)
     args.budget_s = 4.0 if args.quick else 30.0
+    args.preset_batches = dict(tiny=2, small=128, cifar10=2 if args.quick else 8, imagenet64=2)
     if args.smoke:
         args.lengths = args.kernel_lengths = [64, 256]
         args.naive_lengths = [64]
-        args.d_model, args.n_heads, args.d_state, args.batch, args.preset_batch = 32, 2, 8, 1, 2
+        args.d_model, args.n_heads, args.d_state, args.batch = 32, 2, 8, 1
+        args.presets = "tiny"
         args.warmup, args.repeats, args.budget_s = 0, 1, 1.0
 
+    args.presets = [name.strip() for name in args.presets.split(",") if name.strip()]
+    unknown = [name for name in args.presets if name not in IMAGES]
+    if unknown:
+        p.error(f"unknown preset {unknown[0]!r} in --presets; expected names from {sorted(IMAGES)}")
     info = machine_info(device)
     print(f"torch {info['torch']} | {info['device_name']} ({info['device']}) | threads {info['threads']} | "
           f"load {info['loadavg_start']} | dtype {args.dtype} | d_model {args.d_model}, heads {args.n_heads}, "
@@ -287,8 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("kernel time ~ L^k fit (wall): " + ", ".join(f"{k} k={v:.2f}" for k, v in kernel_exponents.items()
                                                        if v is not None))
 
-    print("\nHybridDenoiser 'small' preset (MNIST teacher, 32x32x1, 10 classes), bf16 = autocast:", flush=True)
-    small = bench_small_preset(args, device)
+    print("\nWhole HybridDenoiser presets (small: the MNIST teacher), bf16 = autocast:", flush=True)
+    presets = bench_presets(args, device)
 
     print("\nPer-token latent size (MLA: kv_lora_rank + qk_rope_head_dim; MHA: K + V = 2 d_model):")
     latents = latent_sizes()
@@ -302,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
                   memory_note=("peak_mem_mb: CUDA max_memory_allocated above inputs and weights; null on CPU (no "
                                "peak counter). saved_activation_mb: unique storages saved for backward."),
                   layers=layers, ratios=ratios, time_exponents=exponents, time_exponents_cpu=exponents_cpu,
-                  s4_kernels=kernels, s4_kernel_exponents=kernel_exponents, small_preset=small, latent_sizes=latents)
+                  s4_kernels=kernels, s4_kernel_exponents=kernel_exponents, presets=presets, latent_sizes=latents)
     out = write_json(args.out, result)
     print(f"\nwrote {out}")
     return result

@@ -117,5 +117,6 @@ def test_bench_backbones_smoke(tmp_path):
     exps = result["s4_kernel_exponents"]
     assert exps["naive"] is None and exps["dplr"] is not None and exps["diag"] is not None  # naive: one length
     assert {r["preset"]: r["ratio"] for r in result["latent_sizes"]}["small"] == pytest.approx(80 / 256)
-    assert all(r["chunk_speedup"] > 0 for r in result["small_preset"])
+    assert [(r["preset"], r["dtype"]) for r in result["presets"]] == [("tiny", "fp32"), ("tiny", "bf16")]
+    assert all(r["chunk_speedup"] > 0 and r["fwd_ms"] > 0 for r in result["presets"])
     assert "naive/dplr" in proc.stdout
