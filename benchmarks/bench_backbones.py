@@ -1,5 +1,5 @@
 """Benchmark one S4, one MLA and one MHA layer (forward + backward time, memory) versus sequence length; the S4
-kernel by DPLR (Cauchy), diagonal (Vandermonde) and the naive dense matrix powers; the "small" HybridDenoiser
+kernel by DPLR (Cauchy), diagonal (Vandermonde) and the naive dense matrix powers; whole HybridDenoiser
 presets; and the MLA latent size per token of each preset.
 
     python benchmarks/bench_backbones.py --quick                 # CPU, well under 5 minutes on 2 cores
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     args.lengths = [256, 1024, 4096] if args.quick else [256, 1024, 4096, 16384]
     args.kernel_lengths = [256, 1024, 4096] if args.quick else [256, 1024, 4096, 16384]
-    args.naive_lengths = [256, 1024, 4096] if args.quick else [256, 1024, 4096]  # O(N^2 L) loop of L steps
+    args.naive_lengths = [256, 1024, 4096]  # the naive kernel is an O(N^2 L) loop of L steps: not at 16384
     args.batch = args.batch or (2 if args.quick else 4)
     args.warmup, args.repeats = (1, 5) if args.quick else (2, 15)
     args.budget_s = 4.0 if args.quick else 30.0
