@@ -108,6 +108,11 @@ class HybridDenoiser(ModelMixin, ConfigMixin):
         qk_rope_head_dim: int = 16,         # MLA per-head decoupled RoPE dims (divisible by 4).
         v_head_dim: int = 32,               # MLA per-head value dims.
         noise_channels: int = 256,          # Fourier features of c_noise.
+        # Version 2 options; the defaults are version 1, so config.json files written before them load unchanged.
+        s4_2d: bool = False,                # S layers are 2-D S4ND mixers over the token grid (else 1-D scans).
+        mlp_conv: bool = False,             # Depthwise 3x3 conv inside every MLP.
+        long_skips: bool = False,           # U-ViT long skips: block i feeds block depth-1-i (concat + linear).
+        final_conv: bool = False,           # 3x3 conv on the unpatchified output (smooths patch seams).
     ):
         super().__init__()
         # Validate the configuration.
@@ -137,14 +142,19 @@ class HybridDenoiser(ModelMixin, ConfigMixin):
         # Blocks; the k-th S4 layer scans row-major for even k and column-major for odd k.
         mixer_kwargs = dict(n_tokens=n_tokens, d_state=d_state, s4_kernel=s4_kernel, n_heads=n_heads,
                             kv_lora_rank=kv_lora_rank, q_lora_rank=q_lora_rank, qk_nope_head_dim=qk_nope_head_dim,
-                            qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim)
+                            qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim, grid=self.grid, s4_2d=s4_2d)
         blocks, n_s4 = [], 0
         for kind in self.layers:
             blocks.append(AdaLNBlock(d_model, make_mixer(kind, d_model, **mixer_kwargs), mlp_ratio=mlp_ratio,
-                                     column_major=(kind == "S" and n_s4 % 2 == 1)))
+                                     column_major=(kind == "S" and not s4_2d and n_s4 % 2 == 1),
+                                     mlp_conv=mlp_conv))
             n_s4 += kind == "S"
         self.blocks = nn.ModuleList(blocks)
+        # U-ViT long skips: the outputs of the first depth // 2 blocks enter the last depth // 2 in reverse order.
+        self.skip_linears = (nn.ModuleList(nn.Linear(2 * d_model, d_model) for _ in range(depth // 2))
+                             if long_skips else None)
         self.final_layer = FinalLayer(d_model, patch_size * patch_size * img_channels)
+        self.out_conv = nn.Conv2d(img_channels, img_channels, 3, padding=1) if final_conv else None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -168,6 +178,8 @@ class HybridDenoiser(ModelMixin, ConfigMixin):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.out_conv is not None:
+            nn.init.zeros_(self.out_conv.bias)
 
     @classmethod
     def from_preset(cls, name: str, img_resolution: int, img_channels: int, label_dim: int = 0,
@@ -220,8 +232,15 @@ class HybridDenoiser(ModelMixin, ConfigMixin):
             raise ValueError("class_labels were given to an unconditional model (label_dim = 0); pass None.")
 
         # Blocks, final layer, unpatchify.
-        for block in self.blocks:
+        n_skip = len(self.skip_linears) if self.skip_linears is not None else 0
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if n_skip and i >= len(self.blocks) - n_skip:
+                h = self.skip_linears[i - (len(self.blocks) - n_skip)](torch.cat([h, skips.pop()], dim=-1))
             h = block(h, c, (H, W))
+            if i < n_skip:
+                skips.append(h)
         h = self.final_layer(h, c)                                                             # (B, L, p*p*C)
         h = h.view(B, H, W, p, p, C).permute(0, 5, 1, 3, 2, 4)                                 # (B, C, H, p, W, p)
-        return h.reshape(B, C, H * p, W * p)
+        h = h.reshape(B, C, H * p, W * p)
+        return self.out_conv(h) if self.out_conv is not None else h
