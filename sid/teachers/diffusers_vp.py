@@ -1,11 +1,6 @@
-"""Teachers from anywhere, adapted to the one boundary ``D(x, sigma, class_labels) -> x0_hat`` (DESIGN 2).
+"""Teachers from diffusers: a ``UNet2DModel`` + DDPM-family scheduler folder as an EDM denoiser (DESIGN 2).
 
-- a sid denoiser folder (``HybridDenoiser.save_pretrained``): wrapped in :class:`EDMPrecond`;
-- a diffusers pipeline folder with ``unet/`` (UNet2DModel) and ``scheduler/`` (a DDPM-family config):
-  wrapped in :class:`DiffusersVPDenoiser` (EDM Table 1, VP column).
-
-Both kinds write themselves back with ``save_pretrained(folder)`` in the same layout, so a distilled generator
-exported from either loads again with :func:`load_teacher`.
+EDM paper, Table 1, VP column: ``D(x, sigma) = x - sigma * eps_hat(x / sqrt(1 + sigma^2), t(sigma))``.
 """
 
 from __future__ import annotations
@@ -16,15 +11,7 @@ import os
 import torch
 from torch import nn
 
-from .config import UserError
-from .generator import OneStepGenerator
-from .precond import EDMPrecond
-from .runs import save_pretrained_atomic
-
-GENERATOR_FILE = "sid_generator.json"
-
-# ----------------------------------------------------------------------------
-# diffusers UNet2DModel + DDPM-family scheduler -> EDM denoiser.
+from ..config import UserError
 
 
 class DiffusersVPDenoiser(nn.Module):
@@ -99,7 +86,8 @@ class DiffusersVPDenoiser(nn.Module):
             json.dump(index, fh, indent=2)
 
 
-def _load_diffusers(path: str) -> DiffusersVPDenoiser:
+def load_diffusers(path: str) -> DiffusersVPDenoiser:
+    """A diffusers pipeline folder with ``unet/`` and ``scheduler/`` as a :class:`DiffusersVPDenoiser`."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     sched_file = os.path.join(path, "scheduler", "scheduler_config.json")
@@ -116,66 +104,3 @@ def _load_diffusers(path: str) -> DiffusersVPDenoiser:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the UNet2DModel in '{path}/unet' ({str(e).splitlines()[0]})") from e
     return DiffusersVPDenoiser(unet, scheduler.alphas_cumprod, scheduler.config.prediction_type, sched_cfg)
-
-
-# ----------------------------------------------------------------------------
-# sid denoiser folders.
-
-
-def _load_sid(path: str) -> EDMPrecond:
-    from backbones import HybridDenoiser
-
-    try:
-        backbone = HybridDenoiser.from_pretrained(path)
-    except (OSError, ValueError, TypeError, RuntimeError) as e:
-        raise UserError(f"cannot load the sid denoiser in '{path}' ({str(e).splitlines()[0]})") from e
-    return EDMPrecond(backbone)
-
-
-def load_teacher(path: str) -> nn.Module:
-    """Load a denoiser ``D(x, sigma, class_labels)`` from a sid denoiser folder or a diffusers pipeline folder.
-
-    Raises:
-        UserError: the path does not exist or holds neither layout.
-    """
-    if not os.path.exists(path):
-        raise UserError(f"teacher path '{path}' does not exist")
-    if not os.path.isdir(path):
-        raise UserError(f"teacher path '{path}' is a file, expected a folder (sid denoiser or diffusers pipeline)")
-    config_file = os.path.join(path, "config.json")
-    if os.path.isfile(config_file):
-        try:
-            with open(config_file) as fh:
-                class_name = json.load(fh).get("_class_name")
-        except json.JSONDecodeError as e:
-            raise UserError(f"'{config_file}' is not valid JSON ({e})") from e
-        if class_name == "HybridDenoiser":
-            return _load_sid(path).eval().requires_grad_(False)
-        raise UserError(f"teacher '{path}' holds a {class_name} model; expected a sid HybridDenoiser folder or a "
-                        "diffusers pipeline folder with unet/ and scheduler/")
-    if os.path.isdir(os.path.join(path, "unet")):
-        return _load_diffusers(path).eval().requires_grad_(False)
-    raise UserError(f"teacher '{path}' is neither a sid denoiser folder (config.json + safetensors) nor a diffusers "
-                    "pipeline folder (unet/ + scheduler/)")
-
-
-# ----------------------------------------------------------------------------
-# Exported one-step generators: a denoiser folder plus sid_generator.json.
-
-
-def save_generator(denoiser: nn.Module, folder: str, sigma_init: float, extra: dict | None = None) -> None:
-    """Write ``denoiser`` with ``save_pretrained`` plus ``sid_generator.json``, atomically."""
-    save_pretrained_atomic(denoiser, folder, {GENERATOR_FILE: {"sigma_init": float(sigma_init), **(extra or {})}})
-
-
-def load_generator(path: str) -> OneStepGenerator:
-    """Load an exported one-step generator (a denoiser folder with ``sid_generator.json``)."""
-    meta_file = os.path.join(path, GENERATOR_FILE)
-    if not os.path.isfile(meta_file):
-        raise UserError(f"generator path '{path}' has no {GENERATOR_FILE}; expected the generator/ folder of a sid run")
-    try:
-        with open(meta_file) as fh:
-            sigma_init = float(json.load(fh)["sigma_init"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"'{meta_file}' is not a valid generator description ({e})") from e
-    return OneStepGenerator(load_teacher(path), sigma_init).eval()

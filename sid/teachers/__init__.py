@@ -1,0 +1,21 @@
+"""Teachers from anywhere, adapted to the one boundary ``D(x, sigma, class_labels) -> x0_hat`` (DESIGN 2, 10).
+
+One module per source:
+
+- ``sid_folder``: a sid denoiser folder (``HybridDenoiser.save_pretrained``), wrapped in :class:`sid.EDMPrecond`;
+- ``diffusers_vp``: a diffusers pipeline folder with ``unet/`` (UNet2DModel) and ``scheduler/`` (DDPM family),
+  wrapped in :class:`DiffusersVPDenoiser` (EDM Table 1, VP column);
+- ``edm`` + ``edm_pickle``: NVIDIA EDM snapshot pickles, read without running their code, rebuilt on sid's own
+  EDM networks and preconditioners; ``python -m sid.teachers convert PKL OUTDIR`` writes a safetensors folder.
+
+Every kind writes itself back with ``save_pretrained(folder)`` in a layout :func:`load_teacher` reads, so a
+distilled generator exported from any of them loads again (``generators``).
+"""
+
+from .diffusers_vp import DiffusersVPDenoiser
+from .edm import convert, load_snapshot
+from .generators import GENERATOR_FILE, load_generator, save_generator
+from .loader import load_teacher
+
+__all__ = ["load_teacher", "load_generator", "save_generator", "GENERATOR_FILE", "DiffusersVPDenoiser",
+           "load_snapshot", "convert"]

@@ -1,0 +1,33 @@
+"""Exported one-step generators: a denoiser folder (any teacher layout) plus ``sid_generator.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from torch import nn
+
+from ..config import UserError
+from ..generator import OneStepGenerator
+from ..runs import save_pretrained_atomic
+from .loader import load_teacher
+
+GENERATOR_FILE = "sid_generator.json"
+
+
+def save_generator(denoiser: nn.Module, folder: str, sigma_init: float, extra: dict | None = None) -> None:
+    """Write ``denoiser`` with ``save_pretrained`` plus ``sid_generator.json``, atomically."""
+    save_pretrained_atomic(denoiser, folder, {GENERATOR_FILE: {"sigma_init": float(sigma_init), **(extra or {})}})
+
+
+def load_generator(path: str) -> OneStepGenerator:
+    """Load an exported one-step generator (a denoiser folder with ``sid_generator.json``)."""
+    meta_file = os.path.join(path, GENERATOR_FILE)
+    if not os.path.isfile(meta_file):
+        raise UserError(f"generator path '{path}' has no {GENERATOR_FILE}; expected the generator/ folder of a sid run")
+    try:
+        with open(meta_file) as fh:
+            sigma_init = float(json.load(fh)["sigma_init"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"'{meta_file}' is not a valid generator description ({e})") from e
+    return OneStepGenerator(load_teacher(path), sigma_init).eval()
