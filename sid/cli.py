@@ -48,7 +48,8 @@ def train_main(argv: list[str] | None = None) -> None:
                     "teacher, on this machine's CPU in about 10 minutes.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="configs: configs/sid/mnist5k.yaml (default), configs/sid/smoke.yaml, configs/sid/cifar10_ddpm.yaml, "
-               "configs/teacher/mnist5k.yaml, configs/teacher/cifar10.yaml\n"
+               "configs/sid/edm_*.yaml (the SiD paper's recipes on EDM teachers), configs/teacher/mnist5k.yaml, "
+               "configs/teacher/cifar10.yaml\n"
                "several processes: torchrun --nproc_per_node N train.py ... or accelerate launch --num_processes N "
                "train.py ...\n\nkeys (key=value overrides the config file), with their schema defaults:\n"
                + describe_keys(),
@@ -89,7 +90,8 @@ def sample_main(argv: list[str] | None = None) -> None:
     )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--generator", metavar="DIR", help="generator/ folder of a sid run")
-    src.add_argument("--teacher", metavar="DIR", help="sid denoiser folder or diffusers pipeline folder")
+    src.add_argument("--teacher", metavar="DIR|PKL", help="sid denoiser folder, diffusers pipeline folder, EDM "
+                     "snapshot .pkl (read without running its code) or a folder converted from one")
     parser.add_argument("--steps", type=int, default=18, help="teacher Heun steps (2*steps-1 NFE; default 18)")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (teacher)")
     parser.add_argument("--seeds", required=True, help="seeds, e.g. 0-99 or 1,5,7-9; one image per seed")

@@ -100,9 +100,10 @@ class SiDLoop(TrainingLoop):
         return g, z, labels
 
     def _phase(self, train_fake_score: bool) -> None:
-        """The one place that decides which network trains; the teacher is always frozen."""
-        self.fake_score.requires_grad_(train_fake_score)
-        self.generator_net.requires_grad_(not train_fake_score)
+        """The one place that decides which network trains; the teacher is always frozen. The other network is in
+        eval mode for the phase (no dropout, e.g. in EDM teachers' copies), as in the SiD reference loop."""
+        self.fake_score.requires_grad_(train_fake_score).train(train_fake_score)
+        self.generator_net.requires_grad_(not train_fake_score).train(not train_fake_score)
 
     def _optimizer_step(self, opt, model) -> torch.Tensor:
         if self.accelerator.scaler is not None:
