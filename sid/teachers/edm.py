@@ -108,7 +108,9 @@ def _flatten_records(record, prefix: str, out: dict[str, torch.Tensor], where: s
     """Parameters and persistent buffers of a record tree, with dotted names as in ``state_dict``."""
     if not isinstance(record, (PersistentRecord, ModuleRecord)):
         raise UserError(f"{where} holds a {type(record).__name__} at '{prefix.rstrip('.')}', expected a module")
-    state = record.state
+    state = getattr(record, "state", None)
+    if not isinstance(state, dict):
+        raise UserError(f"{where} has a module without state at '{prefix.rstrip('.')}'")
     skip = state.get("_non_persistent_buffers_set") or set()
     for group in ("_parameters", "_buffers"):
         tensors = state.get(group) or {}
