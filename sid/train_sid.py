@@ -116,6 +116,8 @@ class SiDLoop(TrainingLoop):
         cfg, s = self.cfg, self.cfg.sid
         zero = lambda: torch.zeros((), device=self.device)
         stats = {k: zero() for k in ("loss_fake_score", "loss_generator", "nonfinite_samples")}
+        # Dropout (e.g. in copies of EDM teachers) draws from the global RNG: seed it per step for exact resume.
+        torch.manual_seed(rng.derive_seed(cfg.seed, self.step, self.rank, "dropout"))
 
         # Update fake score: EDM loss on the generator's samples.
         self._phase(train_fake_score=True)

@@ -286,3 +286,24 @@ def test_sid_smoke_run_distils_an_edm_format_teacher(tmp_path):
     with torch.no_grad():
         x = G(torch.randn(2, 3, 8, 8), torch.tensor([3, 7]))
     assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
+
+
+def test_sid_resume_is_exact_with_dropout_in_the_copies(tmp_path):
+    """The EDM teacher's copies train with dropout 0.13; seeded per step, a resumed run equals an uninterrupted one."""
+    from sid.cli import run as train
+    from sid.config import load_config
+    from sid.runs import list_checkpoints, load_checkpoint
+
+    path, _, _ = snapshot(tmp_path, "ddpmpp_cond_edm")
+    common = ["configs/sid/smoke.yaml"], [f"teacher={path}", "data.name=none", "sid.labels=uniform",
+                                          "mixed_precision=fp32", "grid_seeds=4", "checkpoint_kimg=0.016"]
+    cfg = lambda run_dir, kimg, *extra: load_config(common[0][0], [*common[1], f"run_dir={run_dir}",
+                                                                   f"total_kimg={kimg}", *extra])
+    train(cfg(tmp_path / "a", 0.032))
+    train(cfg(tmp_path / "b", 0.016))
+    train(cfg(tmp_path / "b", 0.032, "resume=auto"))
+    a, b = (load_checkpoint(list_checkpoints(str(tmp_path / d / "checkpoints"))[-1]) for d in ("a", "b"))
+    assert a["cur_nimg"] == b["cur_nimg"] == 32
+    for key in ("generator", "fake_score", "generator_ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
