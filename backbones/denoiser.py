@@ -27,11 +27,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Tests: works at 16/32/64 resolution with 1 or 3 channels. 33,952 params at 32x32x1, unconditional.
     "tiny": dict(patch_size=4, d_model=32, depth=2, layer_pattern="SM", mlp_ratio=2.0, d_state=16, n_heads=2,
                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, noise_channels=32),
-    # Embedded MNIST teacher (32x32x1, 10 classes), trained and distilled on a 2-core CPU; 64 tokens, 4 S4 + 2 MLA
-    # layers. 1,888,912 params.
+    # Embedded MNIST teacher (32x32x1, 10 classes), trained and distilled on a 2-core CPU; 64 tokens, 4 S4ND (2-D)
+    # + 2 MLA layers, conv MLPs, U-ViT long skips, output conv (version 2). 2,182,682 params.
     "small": dict(patch_size=4, d_model=128, depth=6, layer_pattern="SSM", mlp_ratio=4.0, d_state=64,
                   s4_kernel="dplr", n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-                  v_head_dim=32, noise_channels=128),
+                  v_head_dim=32, noise_channels=128, s4_2d=True, mlp_conv=True, long_skips=True, final_conv=True),
+    # The version 1 design of "small" (the first embedded teacher): 1-D S4 scans over the raster-ordered token grid
+    # (alternating row- and column-major), plain MLPs, no long skips. 1,888,912 params.
+    "small_v1": dict(patch_size=4, d_model=128, depth=6, layer_pattern="SSM", mlp_ratio=4.0, d_state=64,
+                     s4_kernel="dplr", n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                     v_head_dim=32, noise_channels=128),
     # CIFAR-10 (32x32x3, 10 classes), 256 tokens, 8 S4 + 4 MLA layers. 54,830,092 params (54,824,460 uncond).
     "cifar10": dict(patch_size=2, d_model=512, depth=12, layer_pattern="SSM", mlp_ratio=4.0, d_state=64,
                     s4_kernel="dplr", n_heads=8, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,

@@ -1,7 +1,7 @@
 """Teacher backbones side by side: each candidate is trained with the EDM loss on mnist5k for the same wall-clock
 budget on this machine, then measured with the same sampler, detector, seeds and sample counts.
 
-    python benchmarks/bench_teacher.py --quick                      # v1, v2 and the UNet anchor: under 10 minutes
+    python benchmarks/bench_teacher.py --quick                      # v1, v2 and the UNet anchor: about 9 minutes
     python benchmarks/bench_teacher.py --minutes 6 --candidates v1,v2,v2-no-s4nd,v2-no-conv,v2-no-skips,unet
 
 Reported per candidate: parameters, forward + backward milliseconds per image (fp32, batch 64, median of 5),
@@ -73,13 +73,13 @@ class UNetBackbone(nn.Module):
 def hybrid(**overrides):
     def build(label_dim):
         from backbones import HybridDenoiser
-        return HybridDenoiser.from_preset("small", 32, 1, label_dim=label_dim, **overrides)
+        return HybridDenoiser.from_preset("small_v1", 32, 1, label_dim=label_dim, **overrides)
     return build
 
 
 CANDIDATES = {
-    "v1": ("HybridDenoiser v1: small preset (1-D S4 raster/column scans, plain MLP)", hybrid()),
-    "v2": ("v2: S4ND 2-D mixers + conv MLP + U-ViT long skips + output conv", hybrid(**V2)),
+    "v1": ("HybridDenoiser v1: small_v1 preset (1-D S4 raster/column scans, plain MLP)", hybrid()),
+    "v2": ("v2 (the small preset): S4ND 2-D mixers + conv MLP + U-ViT long skips + output conv", hybrid(**V2)),
     "v2-no-s4nd": ("v2 with 1-D S4 scans instead of S4ND", hybrid(**{**V2, "s4_2d": False})),
     "v2-no-conv": ("v2 without the depthwise conv in the MLP", hybrid(**{**V2, "mlp_conv": False})),
     "v2-no-skips": ("v2 without the U-ViT long skips", hybrid(**{**V2, "long_skips": False})),
@@ -114,8 +114,23 @@ def train(net: EDMPrecond, data, labels, seconds: float, args) -> tuple[EMA, int
         loss.backward()
         opt.step()
         ema.update(net, nimg, args.batch)
-        nimg, steps, loss_value = nimg + args.batch, steps + 1, float(loss)
+        nimg, steps, loss_value = nimg + args.batch, steps + 1, float(loss.detach())
     return ema, nimg, steps, loss_value
+
+
+@torch.no_grad()
+def validation_loss(denoiser, data, labels, n: int = 1024, seed: int = 12345, batch: int = 64) -> float:
+    """Mean EDM loss on n fixed (image, label, sigma, noise) draws, the same for every candidate: a less noisy
+    signal than a small-sample FD after short budgets. The images are training images with unseen noise."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(data), (n,), generator=g)
+    sigma = (torch.randn(n, 1, 1, 1, generator=g) * 1.2 - 1.2).exp()
+    noise = torch.randn((n, *data.shape[1:]), generator=g)
+    total = 0.0
+    for i in range(0, n, batch):
+        j = slice(i, i + batch)
+        total += float(edm_loss(denoiser, data[idx[j]], labels[idx[j]], sigma=sigma[j], noise=noise[j]).sum())
+    return total / n
 
 
 def fwd_bwd_ms_per_image(net: nn.Module, label_dim: int, batch: int = 64, repeats: int = 5) -> float:
@@ -149,7 +164,8 @@ def evaluate(denoiser, dataset, args, cache_dir: str) -> dict:
     n = args.samples
     out = {}
     for name, seeds in (("A", range(0, n)), ("B", range(n, 2 * n))):
-        (row,) = compute_metrics(make_images, list(seeds), ["fd_lenet"], batch_size=250, lenet_path=args.lenet,
+        # Batches of 64: on 2 cores larger batches fall out of cache (v2 forward: 5 ms/image at 64, 16 at 250).
+        (row,) = compute_metrics(make_images, list(seeds), ["fd_lenet"], batch_size=64, lenet_path=args.lenet,
                                  ref_dataset=dataset, nfe=nfe(args.steps), cache_dir=cache_dir, progress=False)
         out[f"fd_lenet_{name}"] = row["value"]
     out["class_agreement"] = hits / total
@@ -162,7 +178,8 @@ def evaluate(denoiser, dataset, args, cache_dir: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="v1, v2, unet; 2.2 min each, 2 x 250 samples, 10 steps")
+    p.add_argument("--quick", action="store_true",
+                   help="v1, v2, unet; 1.8 min each at batch 32, 2 x 250 samples, 10 steps (about 9 minutes)")
     p.add_argument("--candidates", default="v1,v2,v2-no-s4nd,v2-no-conv,v2-no-skips,unet",
                    help="comma-separated names from: " + ", ".join(CANDIDATES))
     p.add_argument("--minutes", type=float, default=15.0, help="training wall-clock budget per candidate")
@@ -181,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="output prefix: PREFIX.json, PREFIX.md, PREFIX_<candidate>.png")
     args = p.parse_args(argv)
     if args.quick:
-        args.candidates, args.minutes, args.samples, args.steps = "v1,v2,unet", 2.2, 250, 10
+        args.candidates, args.minutes, args.samples, args.steps = "v1,v2,unet", 1.8, 250, 10
+        args.batch, args.warmup_kimg = 32, 0.5
         if args.out == p.get_default("out"):
             args.out += "_quick"
     names = [c.strip() for c in args.candidates.split(",") if c.strip()]
@@ -209,21 +227,24 @@ def main(argv: list[str] | None = None) -> None:
         ema, nimg, steps, loss = train(net, data, labels, args.minutes * 60, args)
         t0 = time.perf_counter()
         res = evaluate(ema.model, dataset, args, cache_dir)
+        res["val_loss"] = validation_loss(ema.model, data, labels)
         save_grid(res.pop("grid"), f"{args.out}_{name}.png", ncols=8)
         row = dict(candidate=name, description=desc, params=params, ms_per_image=ms, kimg=nimg / 1000,
                    steps=steps, last_loss=loss, eval_seconds=time.perf_counter() - t0, **res)
         rows.append(row)
-        print(f"[{name}] {nimg / 1000:.1f} kimg in {steps} steps: fd_lenet A {res['fd_lenet_A']:.1f}, "
+        print(f"[{name}] {nimg / 1000:.1f} kimg in {steps} steps: val loss {res['val_loss']:.4f}, "
+              f"fd_lenet A {res['fd_lenet_A']:.1f}, "
               f"B {res['fd_lenet_B']:.1f}, class agreement {100 * res['class_agreement']:.1f} %", flush=True)
 
     # Table.
     lines = [f"`{' '.join(sys.argv)}`  ({machine_line(info)})", "",
              f"{args.minutes:g} min of training each, batch {args.batch}, lr {args.lr:g}, fp32; fd_lenet on "
              f"{args.samples} samples per seed set, Heun {args.steps} steps ({nfe(args.steps)} NFE).", "",
-             "| candidate | params (M) | ms/image fwd+bwd | kimg | fd_lenet A | fd_lenet B | class agreement |",
-             "|---|---|---|---|---|---|---|"]
+             "| candidate | params (M) | ms/image fwd+bwd | kimg | val loss | fd_lenet A | fd_lenet B | "
+             "class agreement |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['candidate']} | {r['params'] / 1e6:.2f} | {r['ms_per_image']:.1f} | {r['kimg']:.1f} | "
+                     f"{r['val_loss']:.4f} | "
                      f"{r['fd_lenet_A']:.1f} | {r['fd_lenet_B']:.1f} | {100 * r['class_agreement']:.1f} % |")
     table = "\n".join(lines)
     print("\n" + table)
