@@ -5,11 +5,16 @@ from .generator import OneStepGenerator
 from .precond import EDMPrecond
 
 __version__ = "0.1.0"
-__all__ = ["EDMPrecond", "OneStepGenerator", "loss", "sampling", "teachers", "metrics", "__version__"]
+__all__ = ["EDMPrecond", "OneStepGenerator", "SiDPipeline", "loss", "sampling", "teachers", "metrics",
+           "__version__"]
 
 
 def __getattr__(name):
-    # Heavier submodules (diffusers, scipy) load on first use: `sid.teachers`, `sid.metrics`.
+    # Heavier submodules (diffusers, scipy) load on first use: `sid.teachers`, `sid.metrics`, `sid.SiDPipeline`.
+    if name == "SiDPipeline":
+        from .pipeline import SiDPipeline
+
+        return SiDPipeline
     if name in ("teachers", "metrics", "data", "config"):
         import importlib
 

@@ -55,8 +55,9 @@ def save_grid(images: torch.Tensor, path: str, ncols: int | None = None) -> None
     os.replace(tmp, path)
 
 
-def save_pretrained_atomic(model, folder: str, json_files: dict[str, dict] | None = None) -> None:
-    """``model.save_pretrained`` into a temporary folder, add JSON files, then swap it in by rename."""
+def save_pretrained_atomic(model, folder: str, json_files: dict[str, dict] | None = None,
+                           text_files: dict[str, str] | None = None) -> None:
+    """``model.save_pretrained`` into a temporary folder, add JSON and text files, then swap it in by rename."""
     folder = folder.rstrip("/")
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -64,6 +65,9 @@ def save_pretrained_atomic(model, folder: str, json_files: dict[str, dict] | Non
     for name, content in (json_files or {}).items():
         with open(os.path.join(tmp, name), "w") as fh:
             json.dump(content, fh, indent=2)
+    for name, text in (text_files or {}).items():
+        with open(os.path.join(tmp, name), "w") as fh:
+            fh.write(text)
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(folder):
         os.replace(folder, old)

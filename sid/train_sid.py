@@ -38,6 +38,17 @@ def teacher_reference(teacher_path: str, metric: str, num_samples: int) -> dict 
     return min(rows, key=lambda r: abs(int(r.get("num_samples", 0)) - num_samples))
 
 
+def launch_command() -> str:
+    """The command line of this process as a user would type it again."""
+    import shlex
+    import sys
+
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(".py"):
+        argv[0] = os.path.basename(argv[0])
+    return shlex.join(["python", *argv])
+
+
 class SiDLoop(TrainingLoop):
     kind = "sid"
 
@@ -201,11 +212,33 @@ class SiDLoop(TrainingLoop):
             self.run.log_stats({"kimg": 0.0, "step": 0, **self.evaluate()})
 
     def export(self) -> str:
+        """The EMA generator as a SiDPipeline folder with a model card (teacher, kimg, metrics, command)."""
+        from .config import to_yaml
+        from .pipeline import model_card
+
         path = os.path.join(self.cfg.run_dir, "generator")
         if self.accelerator.is_main_process:
-            save_generator(self.ema.model, path, self.cfg.sid.sigma_init,
-                           {"teacher": self.cfg.teacher, "kimg": self.cur_nimg / 1000})
+            meta = {"teacher": self.cfg.teacher, "kimg": self.cur_nimg / 1000}
+            card = model_card({**meta, "sigma_init": self.cfg.sid.sigma_init}, self._last_metrics(),
+                              command=launch_command(), config_yaml=to_yaml(self.cfg))
+            save_generator(self.ema.model, path, self.cfg.sid.sigma_init, meta, card=card)
         return path
+
+    def _last_metrics(self) -> dict:
+        """The newest value of each metric in stats.jsonl, with its kimg and sample count."""
+        last = {}
+        if os.path.isfile(self.run.stats_file):
+            with open(self.run.stats_file) as fh:
+                for ln in fh:
+                    try:
+                        r = json.loads(ln)
+                    except json.JSONDecodeError:
+                        continue
+                    for m in self.cfg.eval.metrics:
+                        if m in r:
+                            n = r.get(f"{m}_num_samples", self.cfg.eval.num_samples)
+                            last[m] = {"value": r[m], "num_samples": n, "kimg": r["kimg"]}
+        return last
 
     def on_tick(self, record: dict) -> None:
         if self.accelerator.is_main_process and any(m in record for m in self.cfg.eval.metrics):

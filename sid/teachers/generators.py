@@ -1,4 +1,8 @@
-"""Exported one-step generators: a denoiser folder (any teacher layout) plus ``sid_generator.json``."""
+"""Exported one-step generators: a denoiser folder (any teacher layout) plus ``sid_generator.json``, a
+``model_index.json`` that names :class:`sid.SiDPipeline` and a model card ``README.md``.
+
+Folders written before the pipeline existed (no card; a diffusers teacher's DDPMPipeline index) load unchanged.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,16 @@ from .loader import load_teacher
 GENERATOR_FILE = "sid_generator.json"
 
 
-def save_generator(denoiser: nn.Module, folder: str, sigma_init: float, extra: dict | None = None) -> None:
-    """Write ``denoiser`` with ``save_pretrained`` plus ``sid_generator.json``, atomically."""
-    save_pretrained_atomic(denoiser, folder, {GENERATOR_FILE: {"sigma_init": float(sigma_init), **(extra or {})}})
+def save_generator(denoiser: nn.Module, folder: str, sigma_init: float, extra: dict | None = None,
+                   card: str | None = None) -> None:
+    """Write ``denoiser`` with ``save_pretrained`` plus ``sid_generator.json``, ``model_index.json`` (naming
+    SiDPipeline; it replaces the multi-step pipeline index a diffusers denoiser writes) and the model card ``card``
+    (a minimal one from ``extra`` when None), atomically."""
+    from ..pipeline import MODEL_CARD, PIPELINE_INDEX, model_card, model_index
+
+    meta = {"sigma_init": float(sigma_init), **(extra or {})}
+    save_pretrained_atomic(denoiser, folder, {GENERATOR_FILE: meta, PIPELINE_INDEX: model_index()},
+                           {MODEL_CARD: card if card is not None else model_card(meta)})
 
 
 def load_generator(path: str) -> OneStepGenerator:
