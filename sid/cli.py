@@ -50,8 +50,10 @@ def train_main(argv: list[str] | None = None) -> None:
         epilog="configs: configs/sid/mnist5k.yaml (default), configs/sid/smoke.yaml, configs/sid/cifar10_ddpm.yaml, "
                "configs/sid/edm_*.yaml (the SiD paper's recipes on EDM teachers), configs/teacher/mnist5k.yaml, "
                "configs/teacher/cifar10.yaml\n"
-               "several processes: torchrun --nproc_per_node N train.py ... or accelerate launch --num_processes N "
-               "train.py ...\n\nkeys (key=value overrides the config file), with their schema defaults:\n"
+               "several processes: torchrun --nproc_per_node N train.py ... or accelerate launch --multi_gpu "
+               "--num_processes N train.py ... (without --multi_gpu accelerate runs one process, which is refused)\n"
+               "no metrics (e.g. offline without the FID detector): 'eval.metrics=[]'; lists take YAML syntax\n\n"
+               "keys (key=value overrides the config file), with their schema defaults:\n"
                + describe_keys(),
     )
     parser.add_argument("--config", help="YAML file overriding the schema (default: configs/sid/mnist5k.yaml)")
@@ -61,8 +63,22 @@ def train_main(argv: list[str] | None = None) -> None:
         from .config import load_config
 
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
-        run(cfg)
+        try:
+            run(cfg)
+        except KeyboardInterrupt:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"interrupted; continue from the newest checkpoint in {os.path.join(cfg.run_dir, 'checkpoints')} "
+                      f"with: {resume_command(args.config, args.overrides)}", file=sys.stderr)
+            sys.exit(130)
     _finish_distributed()
+
+
+def resume_command(config: str | None, overrides: list[str]) -> str:
+    """The same train.py command with ``resume=auto`` (replacing any resume=...)."""
+    import shlex
+
+    kept = [o for o in overrides if not o.split("=", 1)[0].strip() == "resume"]
+    return shlex.join(["python", "train.py", *(["--config", config] if config else []), *kept, "resume=auto"])
 
 
 def run(cfg) -> str:

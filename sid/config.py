@@ -186,7 +186,7 @@ def load_config(config_file: str | None = None, overrides: list[str] | None = No
         try:
             data = OmegaConf.to_container(OmegaConf.load(config_file))
         except (yaml.YAMLError, OmegaConfBaseException) as e:
-            raise UserError(f"config file '{config_file}' is not valid YAML ({str(e).splitlines()[0]})") from e
+            raise UserError(f"config file '{config_file}' is not valid YAML ({yaml_problem(e)})") from e
         if not isinstance(data, dict):
             raise UserError(f"config file '{config_file}' must hold a mapping of keys, got {type(data).__name__}")
         cfg = _merge(cfg, _flatten(data), f"in '{config_file}'")
@@ -205,6 +205,15 @@ def load_config(config_file: str | None = None, overrides: list[str] | None = No
     obj.eval.lenet = project_path(obj.eval.lenet)
     validate(obj)
     return obj
+
+
+def yaml_problem(e: Exception) -> str:
+    """'line L, column C: problem' (1-based) for a YAML syntax error, else its first line."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if mark is None:
+        return str(problem)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -32,9 +32,38 @@ import scipy.linalg
 import torch
 
 from .config import DataConfig, UserError
-from .detectors import DEFAULT_LENET_PATH, Detector, download_inception, load_detector
+from .detectors import (
+    DEFAULT_INCEPTION_PATH,
+    DEFAULT_LENET_PATH,
+    INCEPTION_FILE,
+    INCEPTION_URL,
+    Detector,
+    download_inception,
+    load_detector,
+)
 
 METRIC_DETECTORS = {"fd_lenet": "lenet", "fid": "inception"}  # metric name -> detector kind
+# Sample counts of the published figures: FID over 50,000 samples (EDM, SiD), fd_lenet over 2,000 (this project's
+# README). Fewer samples give a higher and noisier value; such values are not comparable with those figures.
+FULL_SAMPLE_COUNTS = {"fd_lenet": 2000, "fid": 50000}
+_warned: set[tuple[str, int]] = set()
+
+
+def small_sample_warning(metric: str, num_samples: int) -> str | None:
+    """One line saying that ``metric`` over ``num_samples`` samples is not comparable with the published figures,
+    or None when the count is the full one."""
+    full = FULL_SAMPLE_COUNTS.get(metric)
+    if full is None or num_samples >= full:
+        return None
+    return (f"warning: {metric} over {num_samples:,} samples reads higher and noisier than over {full:,}, the count "
+            f"of the reference figures; compare it only with values over {num_samples:,} samples")
+
+
+def _warn_small_sample(metric: str, num_samples: int, accelerator: Any) -> None:
+    msg = small_sample_warning(metric, num_samples)
+    if msg is not None and _is_main(accelerator) and (metric, num_samples) not in _warned:
+        _warned.add((metric, num_samples))
+        print(msg, file=sys.stderr)
 EDM_REFS_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"
 
 # ----------------------------------------------------------------------------
@@ -264,13 +293,19 @@ def _reference(metric: str, detector: Detector, ref: tuple[np.ndarray, np.ndarra
 
 def check_metrics(metrics: Sequence[str], shape: tuple[int, int, int], *, detector_path: str | None = None,
                   lenet_path: str = DEFAULT_LENET_PATH, ref_path: str | None = None, has_ref_dataset: bool = False,
-                  ) -> None:
+                  training: bool = False) -> None:
     """Fail fast, before any sampling or training: unknown metric, missing or unreadable detector, an image shape
-    the detector cannot measure, or no source of reference statistics."""
+    the detector cannot measure, or no source of reference statistics. ``training``: word the way out in
+    ``train.py``'s own syntax (config keys), not ``sample.py``'s options."""
     paths = {"lenet": lenet_path, "inception": detector_path}
     for m in metrics:
         if m not in METRIC_DETECTORS:
             raise UserError(f"metric {m!r} is not known, expected names from {', '.join(METRIC_DETECTORS)}")
+        path = paths[METRIC_DETECTORS[m]] or (DEFAULT_INCEPTION_PATH if m == "fid" else None)
+        if training and m == "fid" and not os.path.isfile(path):
+            raise UserError(f"FID detector file '{path}' does not exist: download {INCEPTION_FILE} from "
+                            f"{INCEPTION_URL} and pass eval.detector=PATH, or train without metrics with "
+                            "'eval.metrics=[]'")
         load_detector(METRIC_DETECTORS[m], paths[METRIC_DETECTORS[m]]).check_shape(shape[0], shape[1])
         if ref_path is None and not has_ref_dataset:
             raise UserError(f"metric '{m}' needs reference statistics: pass a reference .npz (--ref / eval.ref) or a "
@@ -331,6 +366,7 @@ def compute_metrics(make_images: Callable[[list[int]], torch.Tensor], seeds: Seq
     for m in metrics:
         s = stats[m].reduce(accelerator)
         value = frechet_distance(s.mean(), s.cov(), *refs[m])
+        _warn_small_sample(m, s.num, accelerator)
         results.append({"metric": m, "value": value, "num_samples": s.num, "nfe": nfe})
     return results
 
@@ -421,7 +457,11 @@ def _cmd_ref(args: argparse.Namespace) -> None:
 
 
 def _cmd_fd(args: argparse.Namespace) -> None:
-    print(f"{frechet_distance(*load_ref(args.a), *load_ref(args.b)):.6f}")
+    (mu1, sigma1), (mu2, sigma2) = load_ref(args.a), load_ref(args.b)
+    if mu1.shape != mu2.shape:
+        raise UserError(f"'{args.a}' holds {mu1.shape[0]}-d statistics but '{args.b}' {mu2.shape[0]}-d; expected two "
+                        "files made with the same detector")
+    print(f"{frechet_distance(mu1, sigma1, mu2, sigma2):.6f}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,6 +51,9 @@ def sample(args: Namespace) -> list[dict]:
         num_nfe = nfe(args.steps) * (2 if args.guidance != 1 else 1)
     shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
     label_dim = denoiser.label_dim
+    if args.teacher and args.guidance != 1 and label_dim == 0:
+        raise UserError(f"--guidance is {args.guidance}, but the teacher is unconditional (guidance needs class "
+                        "labels and would only double the cost); expected 1")
     if metrics:
         from .detectors import DEFAULT_INCEPTION_PATH, download_inception
         from .metrics import check_metrics

@@ -18,15 +18,20 @@ from . import rng
 
 def parse_seeds(text: str) -> list[int]:
     """'0-99' -> [0..99]; '1,5,7-9' -> [1, 5, 7, 8, 9]. Raises ValueError naming the bad text."""
+    bad = f"'{text}' is not a list of non-negative seeds such as 0-99 or 1,5,7-9"
     seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    except ValueError:
-        seeds = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi) if hi else int(lo)
+        except ValueError:
+            raise ValueError(bad) from None
+        if last < first:
+            raise ValueError(f"'{text}' has the range {first}-{last} reversed; expected low-high such as "
+                             f"{last}-{first}")
+        seeds.extend(range(first, last + 1))
     if not seeds or min(seeds) < 0:
-        raise ValueError(f"'{text}' is not a list of non-negative seeds such as 0-99 or 1,5,7-9")
+        raise ValueError(bad)
     return seeds
 
 

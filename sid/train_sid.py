@@ -81,7 +81,7 @@ class SiDLoop(TrainingLoop):
             from .metrics import check_metrics
 
             check_metrics(cfg.eval.metrics, self.shape, detector_path=cfg.eval.detector, lenet_path=cfg.eval.lenet,
-                          ref_path=cfg.eval.ref, has_ref_dataset=self.dataset is not None)
+                          ref_path=cfg.eval.ref, has_ref_dataset=self.dataset is not None, training=True)
         # Generator and fake score start as copies of the teacher (of the foreign model for adapters).
         generator_net = copy.deepcopy(self.teacher).train().requires_grad_(True)
         fake_score = copy.deepcopy(self.teacher).train().requires_grad_(True)

@@ -23,10 +23,29 @@ from .runs import RunDir, resolve_resume, save_grid
 # Accelerate and optimizers.
 
 
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_launch(env=None) -> None:
+    """Refuse a multi-process request that accelerate turned into one process.
+
+    ``accelerate launch --num_processes N`` without ``--multi_gpu`` (the form a CPU machine's default accelerate
+    config takes) runs its *simple* launcher: one process, with ``MASTER_ADDR``/``MASTER_PORT`` set because N > 1,
+    but no world size (torchrun, the multi-GPU launcher and MPI all set one). Training on would silently be one
+    process."""
+    env = os.environ if env is None else env
+    if "ACCELERATE_DYNAMO_BACKEND" in env and "MASTER_ADDR" in env and "MASTER_PORT" in env and \
+            not any(v in env for v in _WORLD_SIZE_VARS):
+        raise UserError("accelerate launch was asked for several processes but started only one (without --multi_gpu "
+                        "it runs a single process); use accelerate launch --multi_gpu --num_processes N train.py ... "
+                        "or torchrun --nproc_per_node N train.py ...")
+
+
 def make_accelerator(cfg: Config):
     """An ``Accelerator`` for the config; DDP over NCCL or gloo when launched with torchrun/accelerate."""
     from accelerate import Accelerator
 
+    check_launch()
     use_cpu = cfg.cpu or not torch.cuda.is_available()
     if cfg.mixed_precision == "fp16" and use_cpu:
         raise UserError("config key 'mixed_precision' is fp16, which needs a CUDA GPU; use bf16 or fp32 on CPU")
@@ -92,6 +111,16 @@ class TrainingLoop:
         self.total_nimg = int(round(cfg.total_kimg * 1000))
         self.batch_per_process = cfg.batch_size // self.world
         self.micro_batch = self.batch_per_process // cfg.accum_steps
+        self.log(self.describe_run())
+
+    def describe_run(self) -> str:
+        """The first line of every run: what actually runs (processes, batch split, device, precision)."""
+        device = self.device.type
+        if device == "cuda":
+            device = f"cuda ({torch.cuda.get_device_name(self.device)})"
+        return (f"run: {self.world} process{'es' if self.world > 1 else ''} x {self.micro_batch} micro-batch x "
+                f"{self.cfg.accum_steps} accumulation = {self.cfg.batch_size} global batch | device {device} | "
+                f"precision {self.cfg.mixed_precision}")
 
     # Hooks for subclasses.
 
@@ -181,7 +210,7 @@ class TrainingLoop:
         except (RuntimeError, KeyError, ValueError) as e:
             raise UserError(f"checkpoint '{path}' does not match this run's networks ({str(e).splitlines()[0]})") from e
         self.cur_nimg, self.step = int(state["cur_nimg"]), int(state["step"])
-        self.log(f"resumed from {path} at {self.cur_nimg / 1000:.1f} kimg")
+        self.log(f"resumed from {path} at {self.cur_nimg / 1000:.3f} kimg ({self.cur_nimg} images)")
         return True
 
     def train(self) -> str:

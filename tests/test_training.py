@@ -171,8 +171,9 @@ def free_port():
 def test_two_process_sid_ranks_agree(tmp_path, tiny_teacher):
     p = cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "train.py",
             "--config", "configs/sid/smoke.yaml", *sid_args(tiny_teacher, tmp_path), env={"GLOO_SOCKET_IFNAME": "lo"})
-    _, err = p.communicate(timeout=300)
+    out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
+    assert out.splitlines()[0].startswith("run: 2 processes x 4 micro-batch x 1 accumulation = 8 global batch")
     state = load_final(tmp_path)
     assert len(state["rank_digests"]) == 2 and state["rank_digests"][0] == state["rank_digests"][1]
     assert os.path.isdir(tmp_path / "generator")
