@@ -108,14 +108,30 @@ class RunDir:
         """On resume, drop stats lines written after the checkpoint so the log has no duplicates."""
         if not (self.is_main and os.path.isfile(self.stats_file)):
             return
+        lines = []
         with open(self.stats_file) as fh:
-            lines = [ln for ln in fh if ln.strip() and json.loads(ln).get("kimg", 0) * 1000 <= cur_nimg + 1e-6]
+            for ln in fh:
+                try:
+                    record = json.loads(ln)
+                except json.JSONDecodeError:  # a line cut short by a killed run
+                    continue
+                if isinstance(record, dict) and record.get("kimg", 0) * 1000 <= cur_nimg + 1e-6:
+                    lines.append(ln if ln.endswith("\n") else ln + "\n")
         atomic_write_bytes(self.stats_file, "".join(lines).encode())
 
     def grid_path(self, cur_nimg: int) -> str:
         return os.path.join(self.samples, f"grid-{cur_nimg:09d}.png")
 
     # Checkpoints.
+
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete checkpoint temporaries a killed run left behind (never complete, never resumed from)."""
+        if not self.is_main:
+            return []
+        stale = glob.glob(os.path.join(self.checkpoints, ".checkpoint-*.pt.tmp"))
+        for f in stale:
+            os.remove(f)
+        return stale
 
     def checkpoint_path(self, cur_nimg: int) -> str:
         return os.path.join(self.checkpoints, f"checkpoint-{cur_nimg:09d}.pt")

@@ -264,7 +264,10 @@ class SiDLoop(TrainingLoop):
         if os.path.isfile(self.run.stats_file):
             with open(self.run.stats_file) as fh:
                 for ln in fh:
-                    last.update({k: v for k, v in json.loads(ln).items() if k in self.cfg.eval.metrics})
+                    try:
+                        last.update({k: v for k, v in json.loads(ln).items() if k in self.cfg.eval.metrics})
+                    except (json.JSONDecodeError, AttributeError):
+                        continue
         for m, v in last.items():
             ref = self.teacher_ref.get(m)
             if self.cfg.eval.teacher_value is not None and len(self.cfg.eval.metrics) == 1:

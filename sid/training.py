@@ -17,7 +17,52 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Config, UserError, validate
-from .runs import RunDir, resolve_resume, save_grid
+from .runs import RunDir, list_checkpoints, resolve_resume, save_grid
+
+# ----------------------------------------------------------------------------
+# Resume: which config changes a checkpoint tolerates.
+
+# Keys that define what the checkpoint's weights and optimizer states are: a resume with another value would mix
+# two different runs, so it is refused. Everything else (schedule, intervals, eval, precision) may change and is
+# listed. ``run_dir`` and ``resume`` say where to continue, not what.
+REFUSED_KEYS = {
+    "sid": ("kind", "teacher", "batch_size", "accum_steps", "sid.alpha", "sid.tmax", "sid.sigma_init",
+            "sid.sigma_min", "sid.sigma_max", "sid.rho", "sid.P_mean", "sid.P_std", "sid.sigma_data", "sid.labels"),
+    "teacher": ("kind", "network.", "batch_size", "accum_steps", "data.name", "data.resolution",
+                "data.use_labels", "train.P_mean", "train.P_std", "train.sigma_data", "train.label_dropout"),
+}
+IGNORED_KEYS = ("run_dir", "resume")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not k == "overrides":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _same(key: str, a, b) -> bool:
+    if key == "teacher" and isinstance(a, str) and isinstance(b, str):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
+def compare_configs(saved: dict, current: Config, kind: str) -> tuple[list[str], list[str]]:
+    """(refused, changed): 'key: old -> new' for every key whose value differs between a checkpoint's resolved
+    config and this run's; keys missing from an older checkpoint are not compared."""
+    old, new = _flat(saved), _flat(asdict(current))
+    refused_keys = REFUSED_KEYS.get(kind, REFUSED_KEYS["sid"])
+    refused, changed = [], []
+    for key in sorted(set(old) & set(new)):
+        if key in IGNORED_KEYS or _same(key, old[key], new[key]):
+            continue
+        item = f"{key}: {old[key]!r} -> {new[key]!r}"
+        is_refused = any(key == k or (k.endswith(".") and key.startswith(k)) for k in refused_keys)
+        (refused if is_refused else changed).append(item)
+    return refused, changed
 
 # ----------------------------------------------------------------------------
 # Accelerate and optimizers.
@@ -183,6 +228,8 @@ class TrainingLoop:
     def _save_checkpoint(self) -> None:
         state = {"kind": self.kind, "cur_nimg": self.cur_nimg, "step": self.step, "config": asdict(self.cfg),
                  "rank_digests": self._rank_digests(), **self.state_dict()}
+        if self.accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker, for an exact resume
+            state["scaler"] = self.accelerator.scaler.state_dict()
         path = self.run.save_checkpoint(state, self.cur_nimg)
         self.accelerator.wait_for_everyone()
         if path:
@@ -196,19 +243,31 @@ class TrainingLoop:
     # Main.
 
     def resume(self) -> bool:
+        """Load the checkpoint ``cfg.resume`` names, if any. Every process checks and raises the same errors."""
+        if self.accelerator.is_main_process:
+            for tmp in self.run.remove_stale_temporaries():
+                self.log(f"removed a stale temporary checkpoint: {tmp}")
         found = resolve_resume(self.cfg.resume, self.cfg.run_dir)
         if found is None:
-            if self.cfg.resume == "none" and self.accelerator.is_main_process and os.listdir(self.run.checkpoints):
+            if self.cfg.resume == "none" and list_checkpoints(self.run.checkpoints):
                 raise UserError(f"run_dir '{self.cfg.run_dir}' already holds checkpoints; pass resume=auto to continue "
                                 "that run or choose a new run_dir")
             return False
         path, state = found
         if state.get("kind") != self.kind:
             raise UserError(f"checkpoint '{path}' is from a {state.get('kind')} run, expected a {self.kind} run")
+        refused, changed = compare_configs(state.get("config") or {}, self.cfg, self.kind)
+        if refused:
+            raise UserError(f"checkpoint '{path}' was made with other settings ({'; '.join(refused)}), which would mix "
+                            "two runs; restore them or start a new run_dir")
+        if changed:
+            self.log(f"resume: changed since the checkpoint: {'; '.join(changed)}")
         try:
             self.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as e:
             raise UserError(f"checkpoint '{path}' does not match this run's networks ({str(e).splitlines()[0]})") from e
+        if self.accelerator.scaler is not None and "scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         self.cur_nimg, self.step = int(state["cur_nimg"]), int(state["step"])
         self.log(f"resumed from {path} at {self.cur_nimg / 1000:.3f} kimg ({self.cur_nimg} images)")
         return True
