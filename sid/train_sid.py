@@ -205,7 +205,11 @@ class SiDLoop(TrainingLoop):
                                batch_size=e.batch_size, detector_path=e.detector, lenet_path=e.lenet,
                                ref_path=e.ref, ref_dataset=self.dataset, nfe=1, progress=False,
                                cache_dir=self.run.path)
-        return {r["metric"]: r["value"] for r in rows}
+        # Each value with its sample count: a Frechet distance falls as the count grows (fid10k > fid50k).
+        out = {}
+        for r in rows:
+            out.update({r["metric"]: r["value"], f"{r['metric']}_num_samples": r["num_samples"]})
+        return out
 
     def on_start(self) -> None:
         if self.cfg.metrics_kimg > 0 and self.cfg.eval.metrics:

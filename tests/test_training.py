@@ -215,4 +215,5 @@ def test_sid_metrics_during_training(tmp_path):
     measured = [r["kimg"] for r in rows if "fd_lenet" in r]
     assert measured == [0.0, 0.016, 0.032]
     assert all(r["fd_lenet"] > 0 for r in rows if "fd_lenet" in r)
+    assert all(r["fd_lenet_num_samples"] == 40 for r in rows if "fd_lenet" in r)  # each value with its count
     assert os.path.getsize(tmp_path / "run" / "fd_vs_kimg.png") > 1000
