@@ -110,6 +110,7 @@ class Config:
     cpu: bool = False  # force CPU even when CUDA is available
     teacher: str | None = None  # sid: a sid denoiser folder or a diffusers pipeline folder
     grid_seeds: int = 64  # fixed seeds 0..grid_seeds-1 drawn in every sample grid
+    trackers: list[str] = field(default_factory=list)  # tensorboard | wandb: stats, grids, metrics via accelerate
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train: TeacherConfig = field(default_factory=TeacherConfig)
@@ -122,6 +123,7 @@ RUN_KINDS = ("teacher", "sid")
 DATASETS = ("mnist5k", "digits", "folder", "zip", "npz", "cifar10", "none")
 MIXED_PRECISION = ("fp32", "bf16", "fp16")
 METRICS = ("fd_lenet", "fid")
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # name -> the package it needs
 
 # ----------------------------------------------------------------------------
 # Loading: schema < YAML < command line.
@@ -276,6 +278,12 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     if cfg.resume not in ("none", "auto"):
         _require(os.path.exists(cfg.resume), f"config key 'resume' is '{cfg.resume}', which does not exist "
                  "(expected none, auto, or the path of a checkpoint)")
+    for name in cfg.trackers:
+        _require(name in TRACKERS, f"config key 'trackers' has {name!r}, expected names from {', '.join(TRACKERS)}")
+        import importlib.util
+
+        _require(importlib.util.find_spec(TRACKERS[name]) is not None, f"config key 'trackers' has {name}, which "
+                 f"is not installed; pip install {TRACKERS[name]} or remove it from trackers")
     # Teacher training.
     t = cfg.train
     _require(t.lr > 0, f"config key 'train.lr' is {t.lr}, expected a positive number")

@@ -213,7 +213,7 @@ class SiDLoop(TrainingLoop):
 
     def on_start(self) -> None:
         if self.cfg.metrics_kimg > 0 and self.cfg.eval.metrics:
-            self.run.log_stats({"kimg": 0.0, "step": 0, **self.evaluate()})
+            self.log_record({"kimg": 0.0, "step": 0, **self.evaluate()})
 
     def export(self) -> str:
         """The EMA generator as a SiDPipeline folder with a model card (teacher, kimg, metrics, command)."""

@@ -95,7 +95,13 @@ def make_accelerator(cfg: Config):
     if cfg.mixed_precision == "fp16" and use_cpu:
         raise UserError("config key 'mixed_precision' is fp16, which needs a CUDA GPU; use bf16 or fp32 on CPU")
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.mixed_precision]
-    accelerator = Accelerator(mixed_precision=mp, cpu=use_cpu)
+    project = None
+    if cfg.trackers:
+        from accelerate.utils import ProjectConfiguration
+
+        project = ProjectConfiguration(project_dir=cfg.run_dir, logging_dir=os.path.join(cfg.run_dir, "logs"))
+    accelerator = Accelerator(mixed_precision=mp, cpu=use_cpu, log_with=list(cfg.trackers) or None,
+                              project_config=project)
     validate(cfg, num_processes=accelerator.num_processes)
     return accelerator
 
@@ -239,6 +245,33 @@ class TrainingLoop:
         images = self.sample_grid()
         if self.accelerator.is_main_process:
             save_grid(images, self.run.grid_path(self.cur_nimg))
+            self._track_images(images)
+
+    # Trackers (TensorBoard, W&B) through accelerate: the stats lines, the grids, the metrics.
+
+    def _start_trackers(self) -> None:
+        if not self.cfg.trackers:
+            return
+        name = os.path.basename(os.path.normpath(self.cfg.run_dir)) or "sid"
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                   for k, v in _flat(asdict(self.cfg)).items()}
+        self.accelerator.init_trackers(name, config=hparams)
+        if self.accelerator.is_main_process:
+            self.log(f"trackers: {', '.join(self.cfg.trackers)} -> {os.path.join(self.cfg.run_dir, 'logs', name)}")
+
+    def log_record(self, record: dict) -> None:
+        """One stats line: stats.jsonl and every tracker (step = images seen)."""
+        self.run.log_stats(record)
+        if self.cfg.trackers:
+            values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            self.accelerator.log(values, step=int(round(record["kimg"] * 1000)))
+
+    def _track_images(self, images: torch.Tensor) -> None:
+        for tracker in self.accelerator.trackers if self.cfg.trackers else []:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"samples": images.cpu().numpy()}, step=self.cur_nimg, dataformats="NCHW")
+            elif tracker.name == "wandb":
+                tracker.log_images({"samples": list(images.permute(0, 2, 3, 1).cpu().numpy())}, step=self.cur_nimg)
 
     # Main.
 
@@ -278,6 +311,7 @@ class TrainingLoop:
         self.accelerator.wait_for_everyone()
         self.run.truncate_stats(self.cur_nimg if resumed else -1)
         self.run.write_config(self.cfg)
+        self._start_trackers()
         if not resumed:
             self._grid()
             self.on_start()
@@ -305,7 +339,7 @@ class TrainingLoop:
                 if self.cfg.metrics_kimg > 0 and self._crossed(prev, self.cfg.metrics_kimg) or \
                         self.cur_nimg >= self.total_nimg:
                     record.update(self.evaluate())
-                self.run.log_stats(record)
+                self.log_record(record)
                 self.log(self.status_line(record))
                 self.on_tick(record)
                 tick_start, tick_nimg, sums = time.time(), self.cur_nimg, {}
@@ -316,6 +350,8 @@ class TrainingLoop:
         bar.close()
         path = self.export()
         self.accelerator.wait_for_everyone()
+        if self.cfg.trackers:
+            self.accelerator.end_training()
         for line in self.summary(path):
             self.log(line)
         return path
