@@ -60,7 +60,7 @@ class TeacherConfig:
 
 @dataclass
 class SiDConfig:
-    alpha: float = 1.2  # SiD loss weight alpha (DESIGN 4)
+    alpha: float = 1.2  # SiD loss weight alpha (docs/design.md section 4)
     tmax: float = 800.0  # t ~ U(0, tmax / 1000)
     sigma_init: float = 2.5  # generator: G(z) = D(sigma_init * z, sigma_init)
     lr_generator: float = 1e-5

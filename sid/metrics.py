@@ -1,4 +1,4 @@
-"""Frechet distances between generated images and reference statistics (DESIGN 8).
+"""Frechet distances between generated images and reference statistics (docs/design.md section 8).
 
 - ``fid``: Frechet Inception Distance with NVIDIA's TF-Inception (``inception-2015-12-05.pt``) on uint8 images,
   against reference statistics in EDM's ``.npz`` format (``mu`` (2048,), ``sigma`` (2048, 2048)).

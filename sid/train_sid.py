@@ -1,4 +1,5 @@
-"""SiD distillation (``kind=sid``): alternate fake-score and generator phases (DESIGN 4; Zhou et al. 2024).
+"""SiD distillation (``kind=sid``): alternate fake-score and generator phases (Zhou et al. 2024; docs/design.md
+section 4).
 
 Roles: ``teacher`` f_phi (frozen, never prepared), ``fake_score`` f_psi and the generator's network D_theta, both
 initialised as copies of the teacher. Real images are never used by the losses; the dataset only supplies the

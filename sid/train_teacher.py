@@ -1,4 +1,5 @@
-"""Teacher training (``kind=teacher``): a HybridDenoiser + EDMPrecond trained with the EDM loss (DESIGN 3)."""
+"""Teacher training (``kind=teacher``): a HybridDenoiser + EDMPrecond trained with the EDM loss (docs/design.md
+section 3)."""
 
 from __future__ import annotations
 

@@ -120,8 +120,8 @@ def param_groups(model: nn.Module, lr: float, ssm_lr: float, weight_decay: float
 
 
 def sanitize_gradients(params) -> torch.Tensor:
-    """``nan_to_num`` every gradient in place (DESIGN 4). Returns, as a device tensor (no host sync), how many
-    gradient tensors held non-finite values."""
+    """``nan_to_num`` every gradient in place (docs/design.md section 4). Returns, as a device tensor (no host
+    sync), how many gradient tensors held non-finite values."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
