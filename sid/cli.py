@@ -38,8 +38,17 @@ def _finish_distributed() -> None:
 # train.py
 
 
+def _default_run_keys() -> str:
+    """The keys with the values the default run (configs/sid/mnist5k.yaml) uses; the schema's if it cannot load."""
+    from .config import UserError, describe_keys, load_config
+
+    try:
+        return describe_keys(load_config(DEFAULT_CONFIG))
+    except UserError:
+        return describe_keys()
+
+
 def train_main(argv: list[str] | None = None) -> None:
-    from .config import describe_keys
 
     parser = argparse.ArgumentParser(
         prog="train.py",
@@ -53,8 +62,9 @@ def train_main(argv: list[str] | None = None) -> None:
                "several processes: torchrun --nproc_per_node N train.py ... or accelerate launch --multi_gpu "
                "--num_processes N train.py ... (without --multi_gpu accelerate runs one process, which is refused)\n"
                "no metrics (e.g. offline without the FID detector): 'eval.metrics=[]'; lists take YAML syntax\n\n"
-               "keys (key=value overrides the config file), with their schema defaults:\n"
-               + describe_keys(),
+               "keys (key=value overrides the config file), with the values of the default run "
+               "(configs/sid/mnist5k.yaml):\n"
+               + _default_run_keys(),
     )
     parser.add_argument("--config", help="YAML file overriding the schema (default: configs/sid/mnist5k.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied last")

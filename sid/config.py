@@ -8,6 +8,7 @@ the command line. Every user mistake (unknown key, wrong type, impossible value,
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -47,14 +48,14 @@ class NetworkConfig:
 class TeacherConfig:
     lr: float = 5e-4  # Adam learning rate of the denoiser
     ssm_lr: float = 1e-3  # learning rate of S4 parameters (A, B, P, dt); no weight decay
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas
+    weight_decay: float = 0.0  # AdamW weight decay (not on SSM parameters)
     warmup_kimg: float = 10.0  # linear learning-rate warm-up
     grad_clip: float | None = None  # max global gradient norm; None = off
     label_dropout: float = 0.1  # probability of the null label, for classifier-free guidance
     P_mean: float = -1.2  # EDM lognormal sigma distribution
-    P_std: float = 1.2
-    sigma_data: float = 0.5
+    P_std: float = 1.2  # EDM lognormal sigma: std of ln(sigma)
+    sigma_data: float = 0.5  # EDM preconditioning: data standard deviation
     sample_steps: int = 18  # Heun steps of the sample grids (2 * steps - 1 network evaluations)
 
 
@@ -63,22 +64,22 @@ class SiDConfig:
     alpha: float = 1.2  # SiD loss weight alpha (docs/design.md section 4)
     tmax: float = 800.0  # t ~ U(0, tmax / 1000)
     sigma_init: float = 2.5  # generator: G(z) = D(sigma_init * z, sigma_init)
-    lr_generator: float = 1e-5
-    lr_fake_score: float = 1e-5
-    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
-    eps: float = 1e-8
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    P_mean: float = -1.2  # fake-score EDM loss
-    P_std: float = 1.2
-    sigma_data: float = 0.5
+    lr_generator: float = 1e-5  # Adam learning rate of the generator
+    lr_fake_score: float = 1e-5  # Adam learning rate of the fake score
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Adam betas of both networks
+    eps: float = 1e-8  # Adam eps of both networks
+    sigma_min: float = 0.002  # generator loss: noise level at t = 0
+    sigma_max: float = 80.0  # generator loss: noise level at t = 1
+    rho: float = 7.0  # generator loss: EDM time-step exponent
+    P_mean: float = -1.2  # fake-score EDM loss: mean of ln(sigma)
+    P_std: float = 1.2  # fake-score EDM loss: std of ln(sigma)
+    sigma_data: float = 0.5  # fake-score EDM loss weight
     labels: str = "data"  # data (the dataset's label distribution) | uniform
 
 
 @dataclass
 class EMAConfig:
-    halflife_kimg: float = 500.0
+    halflife_kimg: float = 500.0  # EMA half-life of the exported network
     rampup: float | None = 0.05  # effective half-life <= rampup * cur_nimg; None = no ramp-up
 
 
@@ -96,19 +97,20 @@ class EvalConfig:
 @dataclass
 class Config:
     kind: str = "sid"  # teacher | sid
-    run_dir: str = "runs/sid-mnist5k"
+    run_dir: str = "runs/sid-mnist5k"  # where config, stats, samples, checkpoints and the export go
     resume: str = "none"  # none | auto | PATH of a checkpoint file or run directory
-    seed: int = 0
+    seed: int = 0  # every random draw is a function of (seed, step, process)
     total_kimg: float = 20.0  # run length in thousands of images
     batch_size: int = 32  # global batch over all processes and accumulation steps
     accum_steps: int = 1  # gradient accumulation steps per optimizer step
     checkpoint_kimg: float = 5.0  # checkpoint every this many kimg (and at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept in run_dir/checkpoints
     snapshot_kimg: float = 5.0  # sample grid every this many kimg
     tick_kimg: float = 1.0  # status line + stats.jsonl every this many kimg
     metrics_kimg: float = 0.0  # evaluate metrics every this many kimg; 0 = only at the end
     mixed_precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
     cpu: bool = False  # force CPU even when CUDA is available
-    teacher: str | None = None  # sid: a sid denoiser folder or a diffusers pipeline folder
+    teacher: str | None = None  # sid: a sid denoiser folder, a diffusers pipeline folder or an EDM snapshot .pkl
     grid_seeds: int = 64  # fixed seeds 0..grid_seeds-1 drawn in every sample grid
     trackers: list[str] = field(default_factory=list)  # tensorboard | wandb: stats, grids, metrics via accelerate
     data: DataConfig = field(default_factory=DataConfig)
@@ -260,6 +262,7 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     )
     for key in ("checkpoint_kimg", "snapshot_kimg", "tick_kimg"):
         _require(getattr(cfg, key) > 0, f"config key '{key}' is {getattr(cfg, key)}, expected a positive number")
+    _require(cfg.keep_checkpoints >= 1, f"config key 'keep_checkpoints' is {cfg.keep_checkpoints}, expected >= 1")
     _require(cfg.metrics_kimg >= 0, f"config key 'metrics_kimg' is {cfg.metrics_kimg}, expected >= 0")
     _require(cfg.grid_seeds > 0, f"config key 'grid_seeds' is {cfg.grid_seeds}, expected a positive integer")
     _require(
@@ -308,8 +311,8 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     _require(cfg.ema.rampup is None or cfg.ema.rampup > 0, f"config key 'ema.rampup' is {cfg.ema.rampup}, "
              "expected a positive number or null")
     if cfg.kind == "sid":
-        _require(cfg.teacher is not None, "config key 'teacher' is required for kind=sid (a sid denoiser folder or "
-                 "a diffusers pipeline folder)")
+        _require(cfg.teacher is not None, "config key 'teacher' is required for kind=sid (a sid denoiser folder, "
+                 "a diffusers pipeline folder or an EDM snapshot .pkl)")
         _require(os.path.exists(cfg.teacher), f"config key 'teacher' is '{cfg.teacher}', which does not exist")
     # Evaluation.
     e = cfg.eval
@@ -326,8 +329,32 @@ def _check_betas(key: str, betas: list[float]) -> None:
              f"config key '{key}' is {list(betas)}, expected two numbers in [0, 1)")
 
 
-def describe_keys() -> str:
-    """Every configuration key with its default, for ``--help``."""
-    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
-    width = max(len(k) for k in defaults)
-    return "\n".join(f"  {k:<{width}}  {_dump(v)}" for k, v in defaults.items())
+def key_comments() -> dict[str, str]:
+    """'a.b' -> the trailing comment of that field in this file's schema (its description)."""
+    import inspect
+
+    out: dict[str, str] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+            if m:
+                out[prefix + m.group(1)] = m.group(2).strip()
+        for f in fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+            if is_dataclass(default):
+                walk(type(default), f"{prefix}{f.name}.")
+
+    walk(Config, "")
+    return out
+
+
+def describe_keys(cfg: Config | None = None) -> str:
+    """Every configuration key with its value in ``cfg`` (default: the schema's) and its description, for
+    ``--help``."""
+    values = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg if cfg is not None else Config)))
+    comments = key_comments()
+    width = max(len(k) for k in values)
+    shown = {k: _dump(v) for k, v in values.items()}
+    vwidth = min(max(len(v) for v in shown.values()), 28)
+    return "\n".join(f"  {k:<{width}}  {shown[k]:<{vwidth}}  {comments.get(k, '')}".rstrip() for k in values)

@@ -236,7 +236,7 @@ class TrainingLoop:
                  "rank_digests": self._rank_digests(), **self.state_dict()}
         if self.accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker, for an exact resume
             state["scaler"] = self.accelerator.scaler.state_dict()
-        path = self.run.save_checkpoint(state, self.cur_nimg)
+        path = self.run.save_checkpoint(state, self.cur_nimg, keep=self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         if path:
             self.log(f"checkpoint: {path}")

@@ -148,3 +148,26 @@ def test_ctrl_c_says_how_to_resume(tmp_path, tiny_teacher):
     assert p.returncode == 130, err
     line = [ln[ln.index("interrupted"):] for ln in err.replace("\r", "\n").splitlines() if "interrupted" in ln]
     assert line and "resume=auto" in line[0] and f"run_dir={tmp_path}" in line[0] and "Traceback" not in err
+
+
+def test_help_describes_keys_with_the_default_runs_values():
+    p = cli("train.py", "--help")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    keys = out.split("keys (key=value")[1].splitlines()[1:]
+    rows = {ln.split()[0]: ln for ln in keys if ln.strip()}
+    assert "kind" in rows and "sid.alpha" in rows and "trackers" in rows and "keep_checkpoints" in rows
+    # configs/sid/mnist5k.yaml sets these; the schema's defaults differ (1e-05, fp32).
+    lr = rows["sid.lr_generator"]
+    assert lr.split()[1] == "0.0001" and "learning rate of the generator" in lr
+    assert rows["mixed_precision"].split()[1] == "bf16"
+    assert "'eval.metrics=[]'" in out and "--multi_gpu" in out
+    undocumented = [k for k, ln in rows.items() if len(ln.split()) < 3]
+    assert not undocumented, undocumented
+
+
+def test_keep_checkpoints(tmp_path, tiny_teacher):
+    p = cli(*smoke(tiny_teacher, tmp_path, "keep_checkpoints=1"))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert len(list_checkpoints(str(tmp_path / "checkpoints"))) == 1
