@@ -121,6 +121,8 @@ def sample_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=18, help="teacher Heun steps (2*steps-1 NFE; default 18)")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (teacher)")
     parser.add_argument("--seeds", required=True, help="seeds, e.g. 0-99 or 1,5,7-9; one image per seed")
+    parser.add_argument("--class", dest="class_label", type=int, default=None, metavar="C", help="class label of "
+                        "every image (conditional models; default: each seed draws its own)")
     parser.add_argument("--outdir", required=True, help="output folder")
     parser.add_argument("--batch", type=int, default=100, help="images per batch and process (default 100)")
     parser.add_argument("--npz", action="store_true", help="also write all images to OUTDIR/images.npz")

@@ -54,6 +54,17 @@ def sample(args: Namespace) -> list[dict]:
     if args.teacher and args.guidance != 1 and label_dim == 0:
         raise UserError(f"--guidance is {args.guidance}, but the teacher is unconditional (guidance needs class "
                         "labels and would only double the cost); expected 1")
+    class_label = getattr(args, "class_label", None)
+    if class_label is not None and label_dim == 0:
+        raise UserError(f"--class is {class_label}, but the model is unconditional; leave --class out")
+    if class_label is not None and not 0 <= class_label < label_dim:
+        raise UserError(f"--class is {class_label}, expected a class in 0..{label_dim - 1}")
+
+    def labels_for(batch_seeds, where="cpu"):
+        """Each seed's own label (sid.sampling.seed_labels), or --class for all."""
+        if class_label is not None:
+            return torch.full((len(batch_seeds),), class_label, dtype=torch.long, device=where)
+        return seed_labels(batch_seeds, label_dim, where)
     if metrics:
         from .detectors import DEFAULT_INCEPTION_PATH, download_inception
         from .metrics import check_metrics
@@ -66,7 +77,7 @@ def sample(args: Namespace) -> list[dict]:
     @torch.no_grad()
     def make_images(batch_seeds) -> torch.Tensor:
         z = seed_latents(batch_seeds, shape, device)
-        labels = seed_labels(batch_seeds, label_dim, device)
+        labels = labels_for(batch_seeds, device)
         with accelerator.autocast():
             if args.generator:
                 x = model(z, labels)
@@ -91,7 +102,7 @@ def sample(args: Namespace) -> list[dict]:
         save_grid(torch.from_numpy(images[:GRID_MAX]), os.path.join(args.outdir, "grid.png"))
         print(f"grid: {os.path.join(args.outdir, 'grid.png')} ({min(len(images), GRID_MAX)} images, {what})")
         if args.npz:
-            labels = seed_labels(todo, label_dim)
+            labels = labels_for(todo)
             np.savez(os.path.join(args.outdir, "images.npz"), images=images.transpose(0, 2, 3, 1),
                      seeds=np.array(todo), **({"labels": labels.numpy()} if labels is not None else {}))
             print(f"images: {os.path.join(args.outdir, 'images.npz')} ({len(images)} images)")

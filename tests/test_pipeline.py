@@ -148,3 +148,19 @@ def test_sid_run_exports_a_card_with_metrics(tmp_path, tiny_teacher_32):
     assert "fd_lenet:" in card and "over 20 samples" in card and "```bash\npython " in card
     assert json.load(open(os.path.join(path, "model_index.json")))["_class_name"] == "SiDPipeline"
     assert SiDPipeline.from_pretrained(path)(seeds=[0], output_type="pt").images.shape == (1, 1, 32, 32)
+
+
+def test_sample_py_class_equals_pipeline_class_labels(generator_dir, tmp_path):
+    r = subprocess.run([sys.executable, "sample.py", "--generator", generator_dir, "--seeds", "0-2", "--class", "7",
+                        "--outdir", str(tmp_path), "--npz"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "images.npz") as f:
+        assert f["labels"].tolist() == [7, 7, 7]
+        images = f["images"]
+    pipe = SiDPipeline.from_pretrained(generator_dir)
+    assert np.array_equal(pipe(seeds=[0, 1, 2], class_labels=7, output_type="np").images, images)
+    r = subprocess.run([sys.executable, "sample.py", "--generator", generator_dir, "--seeds", "0-2", "--class", "10",
+                        "--outdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 2 and "--class is 10" in r.stderr and "Traceback" not in r.stderr
