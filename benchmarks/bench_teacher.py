@@ -3,6 +3,7 @@ budget on this machine, then measured with the same sampler, detector, seeds and
 
     python benchmarks/bench_teacher.py --quick                      # v1, v2 and the UNet anchor: about 9 minutes
     python benchmarks/bench_teacher.py --minutes 6 --candidates v1,v2,v2-no-s4nd,v2-no-conv,v2-no-skips,unet
+    python benchmarks/bench_teacher.py --eval assets/teachers/mnist5k  # measure a trained teacher, no training
 
 Reported per candidate: parameters, forward + backward milliseconds per image (fp32, batch 64, median of 5),
 images seen in the budget, ``fd_lenet`` of the EMA network's Heun samples on two disjoint seed sets (A = 0..N-1,
@@ -148,6 +149,30 @@ def fwd_bwd_ms_per_image(net: nn.Module, label_dim: int, batch: int = 64, repeat
 # Evaluate.
 
 
+def evaluate_folder(args, dataset, data, labels, cache_dir: str) -> None:
+    """``--eval DIR``: the same measurements for a trained teacher folder; appends its fd_lenet lines (seed set A
+    first: the line the main job compares with) and the class agreement to DIR/metrics.jsonl, grid to DIR."""
+    from sid.metrics import append_jsonl
+    from sid.teachers import load_teacher
+
+    teacher = load_teacher(args.eval).eval().requires_grad_(False)
+    t0 = time.perf_counter()
+    res = evaluate(teacher, dataset, args, cache_dir)
+    res["val_loss"] = validation_loss(teacher, data, labels)
+    n, k = args.samples, nfe(args.steps)
+    rows = [dict(metric="fd_lenet", value=res["fd_lenet_A"], num_samples=n, nfe=k, steps=args.steps, guidance=1.0,
+                 seeds=f"0-{n - 1}"),
+            dict(metric="fd_lenet", value=res["fd_lenet_B"], num_samples=n, nfe=k, steps=args.steps, guidance=1.0,
+                 seeds=f"{n}-{2 * n - 1}"),
+            dict(metric="class_agreement", value=res["class_agreement"], num_samples=2 * n, nfe=k, steps=args.steps,
+                 guidance=1.0, seeds=f"0-{2 * n - 1}", classifier=Path(args.lenet).name)]
+    append_jsonl(str(Path(args.eval) / "metrics.jsonl"), rows)
+    save_grid(res["grid"], str(Path(args.eval) / "grid.png"), ncols=8)
+    print(f"{args.eval}: fd_lenet A (seeds 0-{n - 1}) {res['fd_lenet_A']:.2f}, B ({n}-{2 * n - 1}) "
+          f"{res['fd_lenet_B']:.2f}, class agreement {100 * res['class_agreement']:.1f} % ({2 * n} samples), "
+          f"val loss {res['val_loss']:.4f}, {k} NFE, {time.perf_counter() - t0:.0f} s; appended to metrics.jsonl")
+
+
 @torch.no_grad()
 def evaluate(denoiser, dataset, args, cache_dir: str) -> dict:
     lenet = load_lenet(args.lenet)[0].eval()
@@ -194,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--lenet", default=DEFAULT_LENET)
+    p.add_argument("--eval", metavar="DIR", default=None,
+                   help="measure a trained teacher folder instead of training candidates (appends to DIR/metrics.jsonl)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_teacher"),
                    help="output prefix: PREFIX.json, PREFIX.md, PREFIX_<candidate>.png")
     args = p.parse_args(argv)
@@ -215,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     data = to_model_range(dataset.images).float()
     labels = torch.as_tensor(dataset.labels, dtype=torch.long)
     cache_dir = str(Path(args.out).parent / ".cache")
+    if args.eval:
+        evaluate_folder(args, dataset, data, labels, cache_dir)
+        return
     rows = []
     for name in names:
         desc, build = CANDIDATES[name]
