@@ -27,7 +27,7 @@ def parse_seeds(text: str) -> list[int]:
         except ValueError:
             raise ValueError(bad) from None
         if last < first:
-            raise ValueError(f"'{text}' has the range {first}-{last} reversed; expected low-high such as "
+            raise ValueError(f"'{text}' has the range {first}-{last} reversed; expected seeds low-high "
                              f"{last}-{first}")
         seeds.extend(range(first, last + 1))
     if not seeds or min(seeds) < 0:

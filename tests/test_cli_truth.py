@@ -171,3 +171,33 @@ def test_keep_checkpoints(tmp_path, tiny_teacher):
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert len(list_checkpoints(str(tmp_path / "checkpoints"))) == 1
+
+
+def test_sample_py_trials_report_mean_std_min(tiny_teacher_32, tmp_path):
+    import json
+
+    from sid.teachers import load_teacher, save_generator
+
+    save_generator(load_teacher(tiny_teacher_32), str(tmp_path / "g"), 2.5)
+
+    def measure(seeds, out, *extra):
+        p = cli("sample.py", "--generator", str(tmp_path / "g"), "--seeds", seeds, "--outdir", str(tmp_path / out),
+                "--metrics", "fd_lenet", *extra)
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        return [json.loads(ln) for ln in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    rows = measure("0-4", "t", "--trials", "3")
+    trials, (summary,) = rows[:3], rows[3:]
+    assert [r["seeds"] for r in trials] == ["0-4", "5-9", "10-14"] and all(r["num_samples"] == 5 for r in trials)
+    # Each trial is the plain measurement of its seed set.
+    (second,) = measure("5-9", "s")
+    assert trials[1]["value"] == pytest.approx(second["value"], rel=1e-9)
+    values = np.array([r["value"] for r in trials])
+    assert summary["trials"] == 3 and summary["num_samples"] == 5
+    assert summary["mean"] == pytest.approx(values.mean()) and summary["min"] == pytest.approx(values.min())
+    assert summary["std"] == pytest.approx(values.std(ddof=1))
+    p = cli("sample.py", "--generator", str(tmp_path / "g"), "--seeds", "0-4", "--outdir", str(tmp_path / "x"),
+            "--trials", "2")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "--trials" in err and "Traceback" not in err
