@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema-halflife-kimg", type=float, default=50.0)
     p.add_argument("--ema-rampup", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timing-batch", type=int, default=64, help="batch of the fwd+bwd time per image")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--lenet", default=DEFAULT_LENET)
     p.add_argument("--eval", metavar="DIR", default=None,
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(args.seed)
         net = EDMPrecond(build(dataset.num_classes))
         params = sum(q.numel() for q in net.parameters())
-        ms = fwd_bwd_ms_per_image(net.backbone, dataset.num_classes)
+        ms = fwd_bwd_ms_per_image(net.backbone, dataset.num_classes, args.timing_batch)
         print(f"[{name}] {desc}: {params / 1e6:.2f} M params, {ms:.1f} ms/image fwd+bwd; training "
               f"{args.minutes:g} min", flush=True)
         ema, nimg, steps, loss = train(net, data, labels, args.minutes * 60, args)

@@ -120,3 +120,37 @@ def test_bench_backbones_smoke(tmp_path):
     assert [(r["preset"], r["dtype"]) for r in result["presets"]] == [("tiny", "fp32"), ("tiny", "bf16")]
     assert all(r["chunk_speedup"] > 0 and r["fwd_ms"] > 0 for r in result["presets"])
     assert "naive/dplr" in proc.stdout
+
+
+def test_bench_teacher_trains_and_measures_candidates_and_a_folder(tmp_path):
+    """Two candidates (v1 and the UNet anchor) for one step each, then --eval of a copy of the shipped teacher: the
+    JSON, the table, the grids and the appended metrics.jsonl lines (seed set A first, then B, then agreement)."""
+    import shutil
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    script = os.path.join(ROOT, "benchmarks", "bench_teacher.py")
+    common = ["--samples", "8", "--steps", "2", "--threads", "1", "--timing-batch", "2"]
+    out = tmp_path / "bt"
+    proc = subprocess.run([sys.executable, script, "--candidates", "v1,unet", "--minutes", "0.001", "--batch", "4",
+                           "--out", str(out), *common], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "bt.json").read_text())
+    rows = {r["candidate"]: r for r in result["results"]}
+    assert set(rows) == {"v1", "unet"}
+    for r in rows.values():
+        assert r["steps"] >= 1 and r["params"] > 1e6 and r["ms_per_image"] > 0 and r["val_loss"] > 0
+        assert r["fd_lenet_A"] > 0 and r["fd_lenet_B"] > 0 and 0 <= r["class_agreement"] <= 1
+        assert (tmp_path / f"bt_{r['candidate']}.png").is_file()
+    assert "| unet |" in (tmp_path / "bt.md").read_text()
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(os.path.join(ROOT, "assets", "teachers", "mnist5k"), teacher)
+    before = (teacher / "metrics.jsonl").read_text().splitlines()
+    proc = subprocess.run([sys.executable, script, "--eval", str(teacher), "--out", str(out), *common], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    added = [json.loads(x) for x in (teacher / "metrics.jsonl").read_text().splitlines()[len(before):]]
+    assert [(r["metric"], r["seeds"]) for r in added] == [("fd_lenet", "0-7"), ("fd_lenet", "8-15"),
+                                                          ("class_agreement", "0-15")]
+    assert added[0]["num_samples"] == 8 and added[0]["nfe"] == 3 and added[2]["num_samples"] == 16
