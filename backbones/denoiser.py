@@ -21,37 +21,38 @@ __all__ = ["HybridDenoiser", "PRESETS", "sincos_pos_embed_2d"]
 
 # ----------------------------------------------------------------------------
 # Presets. Parameter counts are measured at each preset's intended resolution, channels and labels. Forward +
-# backward of "small" (v2) at batch 128 on 2 cores of an AMD EPYC without AVX-512 (idle): 1.9 s fp32; bf16 autocast
-# is several times slower on such CPUs (about 6x for v1), faster only where the CPU has AVX-512 BF16.
+# backward at batch 128 on 2 cores of an AMD EPYC without AVX-512 (idle): "small" 2.1 s fp32, "small_v2" 1.9-2.5 s;
+# bf16 autocast is about 6x slower than fp32 on such CPUs, faster only where the CPU has AVX-512 BF16 (0.61 s fp32,
+# 0.36 s bf16 for "small" on one).
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Tests: works at 16/32/64 resolution with 1 or 3 channels. 33,952 params at 32x32x1, unconditional.
     "tiny": dict(patch_size=4, d_model=32, depth=2, layer_pattern="SM", mlp_ratio=2.0, d_state=16, n_heads=2,
                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, noise_channels=32),
-    # Embedded MNIST teacher (32x32x1, 10 classes), trained and distilled on a 2-core CPU; 64 tokens, 4 S4ND (2-D)
-    # + 2 MLA layers, conv MLPs, U-ViT long skips, output conv (version 2). 2,182,682 params.
+    # Embedded MNIST teacher (32x32x1, 10 classes), trained and distilled on a 2-core CPU; 64 tokens, 4 S4 + 2 MLA
+    # layers (version 1: 1-D S4 scans over the raster-ordered token grid, alternating row- and column-major).
+    # 1,888,912 params, 0.15 GFLOPs.
     "small": dict(patch_size=4, d_model=128, depth=6, layer_pattern="SSM", mlp_ratio=4.0, d_state=64,
                   s4_kernel="dplr", n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-                  v_head_dim=32, noise_channels=128, s4_2d=True, mlp_conv=True, long_skips=True, final_conv=True),
-    # The version 1 design of "small" (the first embedded teacher): 1-D S4 scans over the raster-ordered token grid
-    # (alternating row- and column-major), plain MLPs, no long skips. 1,888,912 params.
-    "small_v1": dict(patch_size=4, d_model=128, depth=6, layer_pattern="SSM", mlp_ratio=4.0, d_state=64,
+                  v_head_dim=32, noise_channels=128),
+    # "small" with the version 2 options: S4ND 2-D mixers, conv MLPs, U-ViT long skips, output conv. 2,182,682
+    # params, 0.16 GFLOPs, about 1.4x the fwd+bwd time of "small" on a CPU. Not yet better per CPU minute: trained
+    # 200 kimg it matched "small"'s class agreement at ~250 kimg (benchmarks/BENCHMARKS.md, teacher backbones).
+    "small_v2": dict(patch_size=4, d_model=128, depth=6, layer_pattern="SSM", mlp_ratio=4.0, d_state=64,
                      s4_kernel="dplr", n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-                     v_head_dim=32, noise_channels=128),
-    # GPU presets, version 2 (S4ND mixers, conv MLPs, long skips, output conv), sized like EDM's teachers. GFLOPs
-    # are one forward pass of one image counted by torch.utils.flop_counter (matmuls, convolutions, attention; the
-    # S4 kernels' and FFTs' few FLOPs are not counted).
-    # CIFAR-10 (32x32x3, 10 classes): 256 tokens, 8 S4ND + 4 MLA layers. 59,539,552 params, 19.0 GFLOPs
-    # (EDM's DDPM++ teacher: 56 M params). Version 1 of this preset: 54,830,092 params, 17.7 GFLOPs.
+                     v_head_dim=32, noise_channels=128, s4_2d=True, mlp_conv=True, long_skips=True, final_conv=True),
+    # GPU presets sized like EDM's teachers. GFLOPs: one forward pass of one image counted by torch.utils.flop_counter
+    # (matmuls, convolutions, attention; the S4 kernels' and FFTs' few FLOPs are not counted).
+    # CIFAR-10 (32x32x3, 10 classes), 256 tokens, 8 S4 + 4 MLA layers. 54,830,092 params (54,824,460 uncond),
+    # 17.7 GFLOPs (EDM's DDPM++ teacher: 56 M params). With the version 2 options: 59,539,552 params, 19.0 GFLOPs.
     "cifar10": dict(patch_size=2, d_model=512, depth=12, layer_pattern="SSM", mlp_ratio=4.0, d_state=64,
                     s4_kernel="dplr", n_heads=8, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                    v_head_dim=64, noise_channels=256, s4_2d=True, mlp_conv=True, long_skips=True, final_conv=True),
-    # ImageNet 64x64 (64x64x3, 1000 classes): 1024 tokens, 16 S4ND + 8 MLA layers. 259,563,104 params,
-    # 335.7 GFLOPs (EDM's ADM teacher: 296 M params). Version 1: 240,716,300 params, 309.9 GFLOPs.
+                    v_head_dim=64, noise_channels=256),
+    # ImageNet 64x64 (64x64x3, 1000 classes), 1024 tokens, 16 S4 + 8 MLA layers. 240,716,300 params, 309.9 GFLOPs
+    # (EDM's ADM teacher: 296 M params). With the version 2 options: 259,563,104 params, 335.7 GFLOPs.
     "imagenet64": dict(patch_size=2, d_model=768, depth=24, layer_pattern="SSM", mlp_ratio=4.0, d_state=64,
                        s4_kernel="dplr", n_heads=12, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-                       v_head_dim=64, noise_channels=256, s4_2d=True, mlp_conv=True, long_skips=True,
-                       final_conv=True),
+                       v_head_dim=64, noise_channels=256),
 }
 
 # ----------------------------------------------------------------------------
