@@ -158,7 +158,7 @@ def evaluate_folder(args, dataset, data, labels, cache_dir: str) -> None:
     teacher = load_teacher(args.eval).eval().requires_grad_(False)
     t0 = time.perf_counter()
     res = evaluate(teacher, dataset, args, cache_dir)
-    res["val_loss"] = validation_loss(teacher, data, labels)
+    res["val_loss"] = validation_loss(teacher, data, labels, n=args.val_samples)
     n, k = args.samples, nfe(args.steps)
     rows = [dict(metric="fd_lenet", value=res["fd_lenet_A"], num_samples=n, nfe=k, steps=args.steps, guidance=1.0,
                  seeds=f"0-{n - 1}"),
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema-rampup", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timing-batch", type=int, default=64, help="batch of the fwd+bwd time per image")
+    p.add_argument("--val-samples", type=int, default=1024, help="fixed draws of the validation EDM loss")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--lenet", default=DEFAULT_LENET)
     p.add_argument("--eval", metavar="DIR", default=None,
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         ema, nimg, steps, loss = train(net, data, labels, args.minutes * 60, args)
         t0 = time.perf_counter()
         res = evaluate(ema.model, dataset, args, cache_dir)
-        res["val_loss"] = validation_loss(ema.model, data, labels)
+        res["val_loss"] = validation_loss(ema.model, data, labels, n=args.val_samples)
         save_grid(res.pop("grid"), f"{args.out}_{name}.png", ncols=8)
         row = dict(candidate=name, description=desc, params=params, ms_per_image=ms, kimg=nimg / 1000,
                    steps=steps, last_loss=loss, eval_seconds=time.perf_counter() - t0, **res)

@@ -129,7 +129,7 @@ def test_bench_teacher_trains_and_measures_candidates_and_a_folder(tmp_path):
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     script = os.path.join(ROOT, "benchmarks", "bench_teacher.py")
-    common = ["--samples", "8", "--steps", "2", "--threads", "1", "--timing-batch", "2"]
+    common = ["--samples", "8", "--steps", "2", "--threads", "1", "--timing-batch", "2", "--val-samples", "64"]
     out = tmp_path / "bt"
     proc = subprocess.run([sys.executable, script, "--candidates", "v1,unet", "--minutes", "0.001", "--batch", "4",
                            "--out", str(out), *common], cwd=ROOT, env=env, capture_output=True, text=True,
