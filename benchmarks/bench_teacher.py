@@ -9,7 +9,8 @@ Reported per candidate: parameters, forward + backward milliseconds per image (f
 images seen in the budget, a validation EDM loss on 1,024 fixed draws, ``fd_lenet`` of the EMA network's Heun
 samples on two disjoint seed sets (A = 0..N-1, B = N..2N-1) against all of mnist5k, and class agreement (the
 shipped classifier predicts the class that was asked for) on both sets together. Candidates run one after another
-in one process (same threads), so the budgets are comparable; the JSON, a markdown table and one grid PNG per candidate (seeds 0-63) are written to ``--out``.
+in one process (same threads), so the budgets are comparable; the JSON, a markdown table and one grid PNG per
+candidate (seeds 0-63) are written to ``--out``.
 
 ``unet`` is the anchor a user would pick instead: a diffusers ``UNet2DModel`` of about the same parameter count
 under the same EDM preconditioning, loss, optimiser and budget. ``fd_lenet`` is not FID (assets/detectors/README.md).
