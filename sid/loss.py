@@ -1,8 +1,10 @@
-"""Per-sample losses: EDM denoising (teacher and fake score) and the SiD generator loss.
+"""Per-sample losses: EDM denoising (teacher and fake score) and the SiD generator loss, each with the classifier-free
+guidance of SiD-LSG (Zhou et al., ICLR 2025, arXiv 2406.01561) as an option.
 
-Both are pure functions of networks and tensors that return one value per sample (summed over C, H, W); the
+All are pure functions of networks and tensors that return one value per sample (summed over C, H, W); the
 training loop reduces and scales them. Any callable ``D(x, sigma, class_labels)`` with ``sigma`` of shape
-(B, 1, 1, 1) can play teacher, fake score or student.
+(B, 1, 1, 1) can play teacher, fake score or student; ``class_labels=None`` on a conditional denoiser is the null
+class (index label_dim of a HybridDenoiser).
 """
 
 from __future__ import annotations
@@ -12,6 +14,24 @@ from collections.abc import Callable
 import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+# ----------------------------------------------------------------------------
+# Classifier-free guidance (Ho & Salimans 2022), the building block of SiD-LSG's kappa1..kappa4.
+
+
+def guided_denoise(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None,
+                   guidance: float = 1.0) -> torch.Tensor:
+    """``D_u + guidance * (D_c - D_u)`` with ``D_u = D(x, sigma, None)`` (null class), ``D_c = D(x, sigma, labels)``.
+
+    One plain call when ``guidance == 1`` or there are no labels (the formula is then ``D_c`` exactly), so a scale
+    of 1 costs no extra network evaluation and changes no bit. Gradients flow through both calls.
+    """
+    if guidance == 1 or class_labels is None:
+        return denoiser(x, sigma, class_labels)
+    D_c = denoiser(x, sigma, class_labels).to(torch.float32)
+    D_u = denoiser(x, sigma, None).to(torch.float32)
+    return D_u + guidance * (D_c - D_u)
+
 
 # ----------------------------------------------------------------------------
 # EDM loss (Karras et al. 2022, eq. 2 with Table 1's lognormal sigma and weight lambda).
@@ -27,6 +47,7 @@ def edm_loss(
     sigma_data: float = 0.5,
     sigma: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
     """``lambda(sigma) * ||D(x0 + sigma n, sigma) - x0||^2`` per sample, ``sigma = exp(P_mean + P_std N(0, 1))``.
 
@@ -34,6 +55,8 @@ def edm_loss(
         denoiser: ``D(x, sigma, class_labels) -> x0_hat``.
         x0: clean images (B, C, H, W) in [-1, 1].
         sigma, noise: optional (B, 1, 1, 1) and (B, C, H, W) to make the call deterministic; sampled when None.
+        guidance: the prediction that is trained is the guided one, :func:`guided_denoise` (SiD-LSG's kappa1 when
+            the fake score is trained on generated images); 1 = plain EDM loss.
 
     Returns:
         (B,) float32 loss, summed over C, H, W.
@@ -45,7 +68,7 @@ def edm_loss(
         noise = torch.randn_like(x0)
     sigma = sigma.to(torch.float32)
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2  # lambda(sigma), EDM Table 1
-    D_x = denoiser(x0 + sigma * noise, sigma, class_labels)
+    D_x = guided_denoise(denoiser, x0 + sigma * noise, sigma, class_labels, guidance)
     return (weight * (D_x.to(torch.float32) - x0) ** 2).flatten(1).sum(1)
 
 
@@ -72,8 +95,10 @@ def generator_loss(
     rho: float = 7.0,
     sigma: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    guidance_fake: float = 1.0,
+    guidance_real: float = 1.0,
 ) -> torch.Tensor:
-    """SiD generator loss per sample.
+    """SiD generator loss per sample, optionally with SiD-LSG's guidance of both score networks.
 
     With ``x_t = x_g + sigma n``, ``f_phi = teacher(x_t)``, ``f_psi = fake_score(x_t)`` and
     ``w = mean_pixels |x_g - f_phi|`` (no gradient, clipped below at 1e-5):
@@ -83,6 +108,10 @@ def generator_loss(
     which equals ``(1 - alpha) ||f_phi - f_psi||^2 + (f_phi - f_psi)^T (f_psi - x_g)`` (paper eq. 23). Gradients
     reach the generator through ``x_g`` in all three places (directly and through ``x_t``); the parameters of
     ``teacher`` and ``fake_score`` should be frozen by the caller.
+
+    Long and Short Guidance (SiD-LSG): ``f_psi`` is the fake score guided with ``guidance_fake`` (kappa2 = kappa3,
+    both places it appears) and ``f_phi`` the teacher guided with ``guidance_real`` (kappa4), each by
+    :func:`guided_denoise`; ``w`` uses the guided ``f_phi``. Both 1 = plain SiD, bit for bit.
 
     Args:
         x_g: generator samples (B, C, H, W), differentiable w.r.t. the generator.
@@ -100,8 +129,8 @@ def generator_loss(
         noise = torch.randn_like(x_g)
     sigma = sigma.to(torch.float32)
     x_t = x_g + sigma * noise
-    f_phi = teacher(x_t, sigma, class_labels).to(torch.float32)
-    f_psi = fake_score(x_t, sigma, class_labels).to(torch.float32)
+    f_phi = guided_denoise(teacher, x_t, sigma, class_labels, guidance_real).to(torch.float32)
+    f_psi = guided_denoise(fake_score, x_t, sigma, class_labels, guidance_fake).to(torch.float32)
     with torch.no_grad():
         w = (x_g - f_phi).abs().flatten(1).mean(1).clamp(min=1e-5).view(-1, 1, 1, 1)
     diff = f_phi - f_psi
