@@ -1,4 +1,4 @@
-"""Sample a one-step generator or a teacher and evaluate metrics. `python sample.py --help` for options."""
+"""Sample a generator (one or K steps) or a teacher and evaluate metrics. `python sample.py --help` for options."""
 
 from sid.cli import sample_main
 

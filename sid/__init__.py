@@ -1,12 +1,12 @@
 """sid: Score identity Distillation of diffusion teachers into one-step generators, with S4 + MLA denoisers."""
 
 from . import loss, sampling
-from .generator import OneStepGenerator
+from .generator import FewStepGenerator, OneStepGenerator
 from .precond import EDMPrecond
 
 __version__ = "0.1.0"
-__all__ = ["EDMPrecond", "OneStepGenerator", "SiDPipeline", "loss", "sampling", "teachers", "metrics",
-           "__version__"]
+__all__ = ["EDMPrecond", "FewStepGenerator", "OneStepGenerator", "SiDPipeline", "loss", "sampling", "teachers",
+           "metrics", "__version__"]
 
 
 def __getattr__(name):

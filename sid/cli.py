@@ -52,8 +52,9 @@ def train_main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(
         prog="train.py",
-        description="Train a teacher (kind=teacher) or distill one into a one-step generator with SiD (kind=sid). "
-                    "Without --config it runs the main job: configs/sid/mnist5k.yaml, SiD on the embedded MNIST "
+        description="Train a teacher (kind=teacher) or distill one into a one-step generator with SiD (kind=sid; "
+                    "sid.generator_steps=K for K steps, sid.guidance.* for SiD-LSG guidance). Without --config it "
+                    "runs the main job: configs/sid/mnist5k.yaml, SiD on the embedded MNIST "
                     "teacher, on this machine's CPU in about 10 minutes.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="configs: configs/sid/mnist5k.yaml (default), configs/sid/smoke.yaml, configs/sid/cifar10_ddpm.yaml, "
@@ -110,7 +111,7 @@ def run(cfg) -> str:
 def sample_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="sample.py",
-        description="Generate images from a one-step generator (1 network evaluation) or a teacher (EDM Heun "
+        description="Generate images from a generator (K network evaluations, K = 1 for SiD) or a teacher (EDM Heun "
                     "sampler), write a PNG grid, optionally images.npz and metrics (one JSON line each in "
                     "OUTDIR/metrics.jsonl).",
     )
@@ -118,7 +119,8 @@ def sample_main(argv: list[str] | None = None) -> None:
     src.add_argument("--generator", metavar="DIR", help="generator/ folder of a sid run")
     src.add_argument("--teacher", metavar="DIR|PKL", help="sid denoiser folder, diffusers pipeline folder, EDM "
                      "snapshot .pkl (read without running its code) or a folder converted from one")
-    parser.add_argument("--steps", type=int, default=18, help="teacher Heun steps (2*steps-1 NFE; default 18)")
+    parser.add_argument("--steps", type=int, default=None, help="generator: steps K (K NFE; default: the steps it "
+                        "was trained for); teacher: Heun steps (2*steps-1 NFE; default 18)")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (teacher)")
     parser.add_argument("--seeds", required=True, help="seeds, e.g. 0-99 or 1,5,7-9; one image per seed")
     parser.add_argument("--class", dest="class_label", type=int, default=None, metavar="C", help="class label of "

@@ -1,15 +1,17 @@
-"""``SiDPipeline``: a diffusers ``DiffusionPipeline`` for the one-step generators that sid exports.
+"""``SiDPipeline``: a diffusers ``DiffusionPipeline`` for the generators that sid exports (one step, or K steps).
 
 A generator folder (``run_dir/generator``) is the generator's denoiser in its own layout (a sid HybridDenoiser, a
-diffusers UNet2DModel + scheduler, an EDM network) plus ``sid_generator.json`` (``sigma_init``, teacher, kimg), a
+diffusers UNet2DModel + scheduler, an EDM network) plus ``sid_generator.json`` (``sigma_init``, teacher, kimg,
+``generator_steps``), a
 ``model_index.json`` naming this class and a model card ``README.md`` (docs/design.md section 7). Images depend only on
 their seeds and are bit-identical to what ``sample.py --generator DIR --seeds ...`` writes: the same per-seed
-latents and labels (:func:`sid.sampling.seed_latents`, :func:`sid.sampling.seed_labels`) and the same uint8
-conversion (:func:`sid.data.to_uint8`).
+latents, step noise and labels (:func:`sid.sampling.seed_latents`, :func:`sid.generator.seed_step_noise`,
+:func:`sid.sampling.seed_labels`) and the same uint8 conversion (:func:`sid.data.to_uint8`).
 
     from sid import SiDPipeline
     pipe = SiDPipeline.from_pretrained("runs/sid-mnist5k/generator")
-    images = pipe(seeds=[0, 1, 2, 3]).images             # 4 PIL images, one network evaluation each
+    images = pipe(seeds=[0, 1, 2, 3]).images             # 4 PIL images, K network evaluations each (K trained)
+    images = pipe(seeds=[0, 1], num_inference_steps=2).images   # any other number of steps
     pipe.push_to_hub("user/sid-mnist5k")                  # the same folder on the Hugging Face Hub
 """
 
@@ -27,7 +29,7 @@ from huggingface_hub import create_repo, upload_folder
 
 from .config import UserError
 from .data import to_uint8
-from .generator import OneStepGenerator
+from .generator import FewStepGenerator, seed_step_noise
 from .sampling import seed_labels, seed_latents
 
 PIPELINE_INDEX = "model_index.json"
@@ -41,18 +43,28 @@ def model_index() -> dict:
 
     return {"_class_name": "SiDPipeline", "_diffusers_version": diffusers.__version__,
             "_sid_library": "sid (load with sid.SiDPipeline.from_pretrained)",
-            "generator": ["sid.generator", "OneStepGenerator"]}
+            "generator": ["sid.generator", "FewStepGenerator"]}
 
 
 def model_card(meta: dict, metrics: dict | None = None, command: str | None = None, config_yaml: str | None = None,
                ) -> str:
-    """A model card (README.md with YAML front matter) for a generator folder: teacher, kimg, metrics, command."""
+    """A model card (README.md with YAML front matter) for a generator folder: teacher, kimg, steps, guidance,
+    metrics, command."""
+    steps = int(meta.get("generator_steps", 1))
+    kind = "One-step" if steps == 1 else f"{steps}-step"
     lines = ["---", "library_name: sid", "pipeline_tag: unconditional-image-generation",
-             "tags:", "- sid", "- score-identity-distillation", "- one-step", "---", "",
-             "# One-step generator distilled with Score identity Distillation (SiD)", "",
+             "tags:", "- sid", "- score-identity-distillation", "- one-step" if steps == 1 else "- few-step", "---",
+             "", f"# {kind} generator distilled with Score identity Distillation (SiD)", "",
              f"- teacher: `{meta.get('teacher')}`",
              f"- trained for: {float(meta.get('kimg', 0)):.3f} kimg",
-             f"- sigma_init: {meta.get('sigma_init')}", "- network evaluations per image: 1"]
+             f"- sigma_init: {meta.get('sigma_init')}",
+             f"- network evaluations per image: {steps}" + (
+                 f" (noise levels {', '.join(f'{x:.4g}' for x in meta['generator_sigmas'])})"
+                 if steps > 1 and "generator_sigmas" in meta else "")]
+    if meta.get("guidance"):
+        g = meta["guidance"]
+        lines.append(f"- LSG guidance in training: kappa1 (train_fake) {g.get('train_fake')}, kappa2 = kappa3 "
+                     f"(eval_fake) {g.get('eval_fake')}, kappa4 (eval_real) {g.get('eval_real')}")
     for name, m in (metrics or {}).items():
         lines.append(f"- {name}: {m['value']:.4f} over {m['num_samples']} samples at {m['kimg']:.3f} kimg"
                      + (" (fd_lenet is not FID)" if name == "fd_lenet" else ""))
@@ -69,14 +81,15 @@ def model_card(meta: dict, metrics: dict | None = None, command: str | None = No
 
 
 class SiDPipeline(DiffusionPipeline):
-    """One-step image generation from a sid generator folder: ``pipe(seeds=[...]).images``.
+    """Image generation in one or a few steps from a sid generator folder: ``pipe(seeds=[...]).images``.
 
     Args:
-        generator: a :class:`sid.OneStepGenerator` (its ``denoiser`` has ``img_resolution``, ``img_channels``,
-            ``label_dim``).
+        generator: a :class:`sid.generator.FewStepGenerator` (``OneStepGenerator`` is the same class; its
+            ``denoiser`` has ``img_resolution``, ``img_channels``, ``label_dim``; ``steps`` is the default number
+            of steps).
     """
 
-    def __init__(self, generator: OneStepGenerator):
+    def __init__(self, generator: FewStepGenerator):
         super().__init__()
         self.register_modules(generator=generator)
 
@@ -113,6 +126,7 @@ class SiDPipeline(DiffusionPipeline):
 
         meta = dict(getattr(self, "_sid_meta", {}))
         meta.pop("sigma_init", None)
+        meta["generator_steps"] = self.generator.steps
         card = getattr(self, "_sid_card", None)
         save_generator(self.generator.denoiser, save_directory, self.generator.init_sigma, meta, card=card)
 
@@ -124,7 +138,7 @@ class SiDPipeline(DiffusionPipeline):
             folder = os.path.join(tmp, "generator")
             self.save_pretrained(folder)
             return upload_folder(repo_id=repo_id, folder_path=folder, token=token, create_pr=create_pr,
-                                 commit_message=commit_message or "Upload SiD one-step generator")
+                                 commit_message=commit_message or "Upload SiD generator")
 
     # Devices: the generator is a plain nn.Module.
 
@@ -142,13 +156,14 @@ class SiDPipeline(DiffusionPipeline):
     def __call__(self, seeds: Sequence[int], class_labels: int | Sequence[int] | torch.Tensor | None = None,
                  num_inference_steps: int | None = None, output_type: str = "pil", batch_size: int = 100,
                  return_dict: bool = True):
-        """Generate one image per seed with one network evaluation.
+        """Generate one image per seed with ``num_inference_steps`` network evaluations.
 
         Args:
             seeds: non-negative integers; image ``i`` depends only on ``seeds[i]``.
             class_labels: None draws each image's label from its seed (as ``sample.py`` does); an int or one int
                 per seed fixes them. Unconditional generators take None only.
-            num_inference_steps: None or 1 (these generators make an image in one step).
+            num_inference_steps: None (the number of steps the generator was trained for, ``generator.steps``) or
+                any positive K: the shared network applied K times (:class:`sid.generator.FewStepGenerator`).
             output_type: ``"pil"`` (list of PIL images), ``"np"`` (uint8 array (N, H, W, C), as ``sample.py``
                 stores in images.npz) or ``"pt"`` (uint8 tensor (N, C, H, W)). The values are exact uint8 levels,
                 not floats in [0, 1].
@@ -159,8 +174,10 @@ class SiDPipeline(DiffusionPipeline):
         """
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type is {output_type!r}, expected one of {', '.join(OUTPUT_TYPES)}")
-        if num_inference_steps not in (None, 1):
-            raise UserError(f"num_inference_steps is {num_inference_steps}, expected None or 1 (a one-step generator)")
+        steps = self.generator.steps if num_inference_steps is None else num_inference_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise UserError(f"num_inference_steps is {num_inference_steps!r}, expected None (the generator's "
+                            f"{self.generator.steps}) or a positive integer")
         seeds = [int(s) for s in seeds]
         if not seeds or min(seeds) < 0:
             raise UserError(f"seeds are {seeds}, expected a non-empty list of non-negative integers")
@@ -175,7 +192,8 @@ class SiDPipeline(DiffusionPipeline):
             z = seed_latents(batch, shape, device)
             labels = seed_labels(batch, label_dim, device) if labels_all is None or label_dim == 0 else \
                 labels_all[i:i + batch_size].to(device)
-            chunks.append(to_uint8(self.generator(z, labels)).cpu())
+            noise = seed_step_noise(batch, shape, steps, device)
+            chunks.append(to_uint8(self.generator(z, labels, noise, steps=steps)).cpu())
         images = torch.cat(chunks)  # (N, C, H, W) uint8
         if output_type == "pt":
             out = images

@@ -1,4 +1,4 @@
-"""Sampling and evaluation behind ``sample.py``: one-step generators and multi-step teachers, per-seed images."""
+"""Sampling and evaluation behind ``sample.py``: generators (K steps) and multi-step teachers, per-seed images."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .config import METRICS, DataConfig, UserError, project_path
 from .data import load_dataset, to_uint8
+from .generator import seed_step_noise
 from .runs import save_grid
 from .sampling import edm_sampler, guided, nfe, parse_seeds, seed_labels, seed_latents
 from .teachers import load_generator, load_teacher
@@ -43,7 +44,7 @@ def sample(args: Namespace) -> list[dict]:
     for m in metrics:
         if m not in METRICS:
             raise UserError(f"--metrics has {m!r}, expected names from {', '.join(METRICS)}")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps is {args.steps}, expected a positive integer")
     if args.batch < 1:
         raise UserError(f"--batch is {args.batch}, expected a positive integer")
@@ -62,11 +63,13 @@ def sample(args: Namespace) -> list[dict]:
     if args.generator:
         model = load_generator(args.generator).to(device)
         denoiser = model.denoiser
-        num_nfe = 1
+        steps = model.steps if args.steps is None else args.steps  # default: the steps it was trained for
+        num_nfe = steps
     else:
         denoiser = load_teacher(args.teacher).to(device)
         model = guided(denoiser, args.guidance)
-        num_nfe = nfe(args.steps) * (2 if args.guidance != 1 else 1)
+        steps = 18 if args.steps is None else args.steps
+        num_nfe = nfe(steps) * (2 if args.guidance != 1 else 1)
     shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
     label_dim = denoiser.label_dim
     if args.teacher and args.guidance != 1 and label_dim == 0:
@@ -98,14 +101,14 @@ def sample(args: Namespace) -> list[dict]:
         labels = labels_for(batch_seeds, device)
         with accelerator.autocast():
             if args.generator:
-                x = model(z, labels)
+                x = model(z, labels, seed_step_noise(batch_seeds, shape, steps, device), steps=steps)
             else:
-                x = edm_sampler(model, z, labels, num_steps=args.steps)
+                x = edm_sampler(model, z, labels, num_steps=steps)
         return to_uint8(x).cpu()
 
     if accelerator.is_main_process:
         os.makedirs(args.outdir, exist_ok=True)
-    what = f"one-step generator {args.generator}" if args.generator else f"teacher {args.teacher}, {num_nfe} NFE"
+    what = f"{steps}-step generator {args.generator}" if args.generator else f"teacher {args.teacher}, {num_nfe} NFE"
 
     # Images: grid of the first seeds, optionally all of them as images.npz.
     todo = seeds if args.npz else seeds[:GRID_MAX]
@@ -148,7 +151,7 @@ def sample(args: Namespace) -> list[dict]:
                 if trials > 1:
                     r.update(trial=t, seeds=f"{min(trial_seeds)}-{max(trial_seeds)}")
                 if args.teacher:
-                    r.update(steps=args.steps, guidance=args.guidance)
+                    r.update(steps=steps, guidance=args.guidance)
             rows += trial
         if trials > 1:
             rows += trial_summaries(rows, metrics, trials)

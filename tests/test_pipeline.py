@@ -57,7 +57,7 @@ def test_pipeline_class_labels(generator_dir, tmp_path):
     fixed = pipe(seeds=[0, 1, 2, 3], class_labels=(int(labels[0]) + 1) % 10, output_type="pt").images
     assert not torch.equal(fixed[0], drawn[0])
     for bad, needle in (({"class_labels": [1, 2]}, "one per seed"), ({"class_labels": 10}, "0..9"),
-                        ({"output_type": "latent"}, "output_type"), ({"num_inference_steps": 4}, "one-step")):
+                        ({"output_type": "latent"}, "output_type"), ({"num_inference_steps": 0}, "positive integer")):
         with pytest.raises(UserError, match=needle):
             pipe(seeds=[0, 1, 2, 3], **bad)
 

@@ -1,5 +1,5 @@
-"""Exported one-step generators: a denoiser folder (any teacher layout) plus ``sid_generator.json``, a
-``model_index.json`` that names :class:`sid.SiDPipeline` and a model card ``README.md``.
+"""Exported generators (one step, or K steps with shared weights): a denoiser folder (any teacher layout) plus
+``sid_generator.json``, a ``model_index.json`` that names :class:`sid.SiDPipeline` and a model card ``README.md``.
 
 Folders written before the pipeline existed (no card; a diffusers teacher's DDPMPipeline index) load unchanged.
 """
@@ -12,7 +12,7 @@ import os
 from torch import nn
 
 from ..config import UserError
-from ..generator import OneStepGenerator
+from ..generator import FewStepGenerator
 from ..runs import save_pretrained_atomic
 from .loader import load_teacher
 
@@ -31,14 +31,19 @@ def save_generator(denoiser: nn.Module, folder: str, sigma_init: float, extra: d
                            {MODEL_CARD: card if card is not None else model_card(meta)})
 
 
-def load_generator(path: str) -> OneStepGenerator:
-    """Load an exported one-step generator (a denoiser folder with ``sid_generator.json``)."""
+def load_generator(path: str) -> FewStepGenerator:
+    """Load an exported generator (a denoiser folder with ``sid_generator.json``); it samples with the number of
+    steps it was trained for (``generator_steps``, 1 in folders that do not record it)."""
     meta_file = os.path.join(path, GENERATOR_FILE)
     if not os.path.isfile(meta_file):
         raise UserError(f"generator path '{path}' has no {GENERATOR_FILE}; expected the generator/ folder of a sid run")
     try:
         with open(meta_file) as fh:
-            sigma_init = float(json.load(fh)["sigma_init"])
+            meta = json.load(fh)
+        sigma_init = float(meta["sigma_init"])
+        steps = meta.get("generator_steps", 1)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"'{meta_file}' is not a valid generator description ({e})") from e
-    return OneStepGenerator(load_teacher(path), sigma_init).eval()
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise UserError(f"'{meta_file}' has generator_steps {steps!r}, expected a positive integer")
+    return FewStepGenerator(load_teacher(path), sigma_init, steps).eval()
