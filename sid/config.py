@@ -7,6 +7,7 @@ the command line. Every user mistake (unknown key, wrong type, impossible value,
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -60,6 +61,14 @@ class TeacherConfig:
 
 
 @dataclass
+class GuidanceConfig:
+    train_fake: float = 1.0  # kappa1: guidance of the fake score's prediction in its EDM loss (SiD-LSG); 1 = off
+    eval_fake: float = 1.0  # kappa2 = kappa3: guidance of the fake score in the generator loss; 1 = off
+    eval_real: float = 1.0  # kappa4: guidance of the teacher in the generator loss; 1 = off
+    fake_label_dropout: float = 0.1  # null-class rate of fake-score training while train_fake or eval_fake != 1
+
+
+@dataclass
 class SiDConfig:
     alpha: float = 1.2  # SiD loss weight alpha (docs/design.md section 4)
     tmax: float = 800.0  # t ~ U(0, tmax / 1000)
@@ -75,6 +84,8 @@ class SiDConfig:
     P_std: float = 1.2  # fake-score EDM loss: std of ln(sigma)
     sigma_data: float = 0.5  # fake-score EDM loss weight
     labels: str = "data"  # data (the dataset's label distribution) | uniform
+    generator_steps: int = 1  # K: the generator applied K times, shared weights, trained end to end
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
 
 
 @dataclass
@@ -306,6 +317,13 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     _require(0 < s.sigma_min < s.sigma_max, f"config keys 'sid.sigma_min' ({s.sigma_min}) and 'sid.sigma_max' "
              f"({s.sigma_max}) must satisfy 0 < sigma_min < sigma_max")
     _require(s.labels in ("data", "uniform"), f"config key 'sid.labels' is {s.labels!r}, expected data or uniform")
+    _require(s.generator_steps >= 1, f"config key 'sid.generator_steps' is {s.generator_steps}, expected a positive "
+             "integer")
+    for key in ("train_fake", "eval_fake", "eval_real"):
+        value = getattr(s.guidance, key)
+        _require(math.isfinite(value), f"config key 'sid.guidance.{key}' is {value}, expected a finite number")
+    _require(0 <= s.guidance.fake_label_dropout < 1, f"config key 'sid.guidance.fake_label_dropout' is "
+             f"{s.guidance.fake_label_dropout}, expected in [0, 1)")
     _check_betas("sid.betas", s.betas)
     _require(cfg.ema.halflife_kimg > 0, f"config key 'ema.halflife_kimg' is {cfg.ema.halflife_kimg}, expected > 0")
     _require(cfg.ema.rampup is None or cfg.ema.rampup > 0, f"config key 'ema.rampup' is {cfg.ema.rampup}, "

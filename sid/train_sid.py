@@ -1,9 +1,10 @@
 """SiD distillation (``kind=sid``): alternate fake-score and generator phases (Zhou et al. 2024; docs/design.md
-section 4).
+sections 4 and 11).
 
 Roles: ``teacher`` f_phi (frozen, never prepared), ``fake_score`` f_psi and the generator's network D_theta, both
 initialised as copies of the teacher. Real images are never used by the losses; the dataset only supplies the
-label distribution (and the reference statistics of the metrics).
+label distribution (and the reference statistics of the metrics). Optional terms: SiD-LSG guidance scales
+(``sid.guidance.*``) passed to the losses, and a K-step generator (``sid.generator_steps``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from . import rng
 from .config import Config, UserError
 from .data import load_dataset, to_uint8
 from .ema import EMA
-from .generator import OneStepGenerator
+from .generator import FewStepGenerator, generator_sigmas, seed_step_noise
 from .loss import edm_loss, generator_loss, sid_sigma
+from .precond import EDMNetworkPrecond
 from .sampling import seed_labels, seed_latents
-from .teachers import load_teacher, save_generator
+from .teachers import DiffusersVPDenoiser, load_teacher, save_generator
 from .training import TrainingLoop, count_nonfinite, sanitize_gradients
 
 
@@ -37,6 +39,24 @@ def teacher_reference(teacher_path: str, metric: str, num_samples: int) -> dict 
     if not rows:
         return None
     return min(rows, key=lambda r: abs(int(r.get("num_samples", 0)) - num_samples))
+
+
+def null_class_problem(teacher) -> str | None:
+    """Why ``teacher`` has no null class for classifier-free guidance, or None when it has one."""
+    if teacher.label_dim == 0:
+        return "is unconditional (label_dim 0)"
+    if isinstance(teacher, DiffusersVPDenoiser):
+        return "is a diffusers UNet2DModel, whose class embedding has no null class"
+    if isinstance(teacher, EDMNetworkPrecond) and not teacher.init_kwargs.get("label_dropout", 0):
+        return "was not trained with label dropout (label_dropout 0 in its init kwargs)"
+    return None  # a HybridDenoiser: row label_dim of its label embedding (train.label_dropout trains it)
+
+
+def with_null_class(denoiser, labels: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """``labels`` with the null class where ``drop``: index label_dim, or a zero vector for EDM networks."""
+    if isinstance(denoiser, EDMNetworkPrecond):
+        return denoiser.one_hot(labels, labels.shape[0], labels.device) * (~drop).to(torch.float32)[:, None]
+    return torch.where(drop, torch.full_like(labels, denoiser.label_dim), labels)
 
 
 def launch_command() -> str:
@@ -69,6 +89,22 @@ class SiDLoop(TrainingLoop):
             if ds_shape != self.shape:
                 raise UserError(f"the teacher makes {'x'.join(map(str, self.shape))} images but {self.dataset.name} "
                                 f"holds {'x'.join(map(str, ds_shape))} images; images are never resized")
+        gd = s.guidance
+        self.guided = {k: getattr(gd, k) for k in ("train_fake", "eval_fake", "eval_real") if getattr(gd, k) != 1}
+        problem = null_class_problem(self.teacher) if self.guided else None
+        if problem:
+            key, value = next(iter(self.guided.items()))
+            raise UserError(f"config key 'sid.guidance.{key}' is {value}, but guidance needs a null class and the "
+                            f"teacher {cfg.teacher} {problem}; expected 1")
+        # SiD-LSG's fake score also learns its unconditional branch when it is guided (null labels in its phase).
+        self.fake_label_dropout = gd.fake_label_dropout if ("train_fake" in self.guided or "eval_fake" in
+                                                            self.guided) else 0.0
+        self.steps = s.generator_steps
+        if self.guided or self.steps > 1:
+            sigmas = ", ".join(f"{x:.3g}" for x in generator_sigmas(self.steps, s.sigma_init))
+            self.log(f"guidance: kappa1 (train_fake) {gd.train_fake}, kappa2 = kappa3 (eval_fake) {gd.eval_fake}, "
+                     f"kappa4 (eval_real) {gd.eval_real}; fake-score null labels {self.fake_label_dropout}; "
+                     f"generator: {self.steps} step(s) at sigma {sigmas}")
         self.label_table = None
         if self.label_dim > 0 and s.labels == "data":
             if self.dataset is None or self.dataset.labels is None:
@@ -91,8 +127,9 @@ class SiDLoop(TrainingLoop):
         self.generator_net, self.fake_score, self.opt_g, self.opt_f = accelerator.prepare(
             generator_net, fake_score, opt_g, opt_f)
         unwrap = accelerator.unwrap_model
-        self.generator = OneStepGenerator(self.generator_net, s.sigma_init)  # through DDP: gradients all-reduced
-        self.generator_plain = OneStepGenerator(unwrap(self.generator_net), s.sigma_init)
+        # Through DDP: gradients all-reduced.
+        self.generator = FewStepGenerator(self.generator_net, s.sigma_init, self.steps)
+        self.generator_plain = FewStepGenerator(unwrap(self.generator_net), s.sigma_init, self.steps)
         self.fake_score_plain = unwrap(self.fake_score)
         self.ema = EMA(unwrap(self.generator_net), cfg.ema.halflife_kimg, cfg.ema.rampup)
         self.teacher_ref = {m: teacher_reference(cfg.teacher, m, cfg.eval.num_samples) for m in cfg.eval.metrics}
@@ -109,7 +146,10 @@ class SiDLoop(TrainingLoop):
             labels = self.label_table[torch.randint(len(self.label_table), (n,), generator=g, device=self.device)]
         else:
             labels = torch.randint(self.label_dim, (n,), generator=g, device=self.device)
-        return g, z, labels
+        # Fresh noise of generator steps 2..K; nothing is drawn for K = 1.
+        chain = torch.randn((self.steps - 1, n, *self.shape), generator=g, device=self.device) \
+            if self.steps > 1 else None
+        return g, z, labels, chain
 
     def _phase(self, train_fake_score: bool) -> None:
         """The one place that decides which network trains; the teacher is always frozen. The other network is in
@@ -135,14 +175,19 @@ class SiDLoop(TrainingLoop):
         self._phase(train_fake_score=True)
         self.opt_f.zero_grad(set_to_none=True)
         for micro in range(cfg.accum_steps):
-            g, z, labels = self._inputs(micro, "fake_score")
+            g, z, labels, chain = self._inputs(micro, "fake_score")
             with torch.no_grad(), self.autocast():
-                x_g = self.generator_plain(z, labels)
+                x_g = self.generator_plain(z, labels, chain)
             stats["nonfinite_samples"] += count_nonfinite(x_g)
             sigma = (torch.randn(x_g.shape[0], 1, 1, 1, generator=g, device=self.device) * s.P_std + s.P_mean).exp()
             noise = torch.randn(x_g.shape, generator=g, device=self.device)
+            labels_f = labels
+            if self.fake_label_dropout > 0 and labels is not None:
+                drop = torch.rand(labels.shape, generator=g, device=self.device) < self.fake_label_dropout
+                labels_f = with_null_class(self.fake_score_plain, labels, drop)
             with self.no_sync_unless_last(self.fake_score, micro), self.autocast():
-                loss = edm_loss(self.fake_score, x_g, labels, sigma=sigma, noise=noise, sigma_data=s.sigma_data)
+                loss = edm_loss(self.fake_score, x_g, labels_f, sigma=sigma, noise=noise, sigma_data=s.sigma_data,
+                                guidance=s.guidance.train_fake)
                 self.accelerator.backward(loss.sum() / self.batch_per_process)
             stats["loss_fake_score"] += loss.detach().float().mean() / cfg.accum_steps
         bad_f = self._optimizer_step(self.opt_f, self.fake_score)
@@ -151,14 +196,15 @@ class SiDLoop(TrainingLoop):
         self._phase(train_fake_score=False)
         self.opt_g.zero_grad(set_to_none=True)
         for micro in range(cfg.accum_steps):
-            g, z, labels = self._inputs(micro, "generator")
+            g, z, labels, chain = self._inputs(micro, "generator")
             t = torch.rand(z.shape[0], 1, 1, 1, generator=g, device=self.device) * (s.tmax / 1000)
             sigma = sid_sigma(t, s.sigma_min, s.sigma_max, s.rho)
             noise = torch.randn(z.shape, generator=g, device=self.device)
             with self.no_sync_unless_last(self.generator_net, micro), self.autocast():
-                x_g = self.generator(z, labels)
+                x_g = self.generator(z, labels, chain)
                 loss = generator_loss(self.teacher, self.fake_score_plain, x_g, labels, alpha=s.alpha,
-                                      sigma=sigma, noise=noise)
+                                      sigma=sigma, noise=noise, guidance_fake=s.guidance.eval_fake,
+                                      guidance_real=s.guidance.eval_real)
                 self.accelerator.backward(loss.sum() / self.batch_per_process)
             stats["nonfinite_samples"] += count_nonfinite(x_g)
             stats["loss_generator"] += loss.detach().float().mean() / cfg.accum_steps
@@ -187,11 +233,12 @@ class SiDLoop(TrainingLoop):
 
     @torch.no_grad()
     def make_images(self, seeds) -> torch.Tensor:
-        """uint8 one-step samples of the EMA generator for the given seeds."""
-        generator = OneStepGenerator(self.ema.model, self.cfg.sid.sigma_init)
+        """uint8 samples of the EMA generator (K steps) for the given seeds, as sample.py makes them."""
+        generator = FewStepGenerator(self.ema.model, self.cfg.sid.sigma_init, self.steps)
         z = seed_latents(seeds, self.shape, self.device)
+        chain = seed_step_noise(seeds, self.shape, self.steps, self.device)
         with self.autocast():
-            return to_uint8(generator(z, seed_labels(seeds, self.label_dim, self.device)))
+            return to_uint8(generator(z, seed_labels(seeds, self.label_dim, self.device), chain))
 
     def sample_grid(self) -> torch.Tensor:
         return self.make_images(list(range(self.cfg.grid_seeds)))
@@ -204,7 +251,7 @@ class SiDLoop(TrainingLoop):
             return {}
         rows = compute_metrics(self.make_images, list(range(e.num_samples)), e.metrics, accelerator=self.accelerator,
                                batch_size=e.batch_size, detector_path=e.detector, lenet_path=e.lenet,
-                               ref_path=e.ref, ref_dataset=self.dataset, nfe=1, progress=False,
+                               ref_path=e.ref, ref_dataset=self.dataset, nfe=self.steps, progress=False,
                                cache_dir=self.run.path)
         # Each value with its sample count: a Frechet distance falls as the count grows (fid10k > fid50k).
         out = {}
@@ -223,7 +270,11 @@ class SiDLoop(TrainingLoop):
 
         path = os.path.join(self.cfg.run_dir, "generator")
         if self.accelerator.is_main_process:
-            meta = {"teacher": self.cfg.teacher, "kimg": self.cur_nimg / 1000}
+            meta = {"teacher": self.cfg.teacher, "kimg": self.cur_nimg / 1000, "generator_steps": self.steps,
+                    "generator_sigmas": generator_sigmas(self.steps, self.cfg.sid.sigma_init),
+                    **({"guidance": {k: getattr(self.cfg.sid.guidance, k) for k in ("train_fake", "eval_fake",
+                                                                                     "eval_real")}}
+                       if self.guided else {})}
             card = model_card({**meta, "sigma_init": self.cfg.sid.sigma_init}, self._last_metrics(),
                               command=launch_command(), config_yaml=to_yaml(self.cfg))
             save_generator(self.ema.model, path, self.cfg.sid.sigma_init, meta, card=card)
@@ -263,8 +314,8 @@ class SiDLoop(TrainingLoop):
                             teacher_label=label)
 
     def summary(self, export_path: str) -> list[str]:
-        lines = [f"samples: {self.run.samples}", f"generator (EMA, 1 NFE): {export_path}  ->  python sample.py "
-                 f"--generator {export_path} --seeds 0-63 --outdir out"]
+        lines = [f"samples: {self.run.samples}", f"generator (EMA, {self.steps} NFE): {export_path}  ->  python "
+                 f"sample.py --generator {export_path} --seeds 0-63 --outdir out"]
         last = {}
         if os.path.isfile(self.run.stats_file):
             with open(self.run.stats_file) as fh:
@@ -281,5 +332,6 @@ class SiDLoop(TrainingLoop):
                 teacher = f"teacher {ref['value']:.3f} ({ref['nfe']} NFE, {ref['num_samples']} samples)"
             else:
                 teacher = "teacher: not measured"
-            lines.append(f"{m}: generator {v:.3f} (1 NFE, {self.cfg.eval.num_samples} samples)  |  {teacher}")
+            lines.append(f"{m}: generator {v:.3f} ({self.steps} NFE, {self.cfg.eval.num_samples} samples)  |  "
+                         f"{teacher}")
         return lines

@@ -27,7 +27,8 @@ from .runs import RunDir, list_checkpoints, resolve_resume, save_grid
 # listed. ``run_dir`` and ``resume`` say where to continue, not what.
 REFUSED_KEYS = {
     "sid": ("kind", "teacher", "batch_size", "accum_steps", "sid.alpha", "sid.tmax", "sid.sigma_init",
-            "sid.sigma_min", "sid.sigma_max", "sid.rho", "sid.P_mean", "sid.P_std", "sid.sigma_data", "sid.labels"),
+            "sid.sigma_min", "sid.sigma_max", "sid.rho", "sid.P_mean", "sid.P_std", "sid.sigma_data", "sid.labels",
+            "sid.generator_steps", "sid.guidance."),
     "teacher": ("kind", "network.", "batch_size", "accum_steps", "data.name", "data.resolution",
                 "data.use_labels", "train.P_mean", "train.P_std", "train.sigma_data", "train.label_dropout"),
 }
