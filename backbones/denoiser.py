@@ -15,6 +15,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .blocks import MIXERS, AdaLNBlock, FinalLayer, make_mixer
+from .conv_levels import ConvDecoder, ConvEncoder
 from .s4 import S4
 
 __all__ = ["HybridDenoiser", "PRESETS", "sincos_pos_embed_2d"]
@@ -41,6 +42,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small_v2": dict(patch_size=4, d_model=128, depth=6, layer_pattern="SSM", mlp_ratio=4.0, d_state=64,
                      s4_kernel="dplr", n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
                      v_head_dim=32, noise_channels=128, s4_2d=True, mlp_conv=True, long_skips=True, final_conv=True),
+    # Version 3: conv U-Net levels at 32 and 16 px (32 and 64 channels) around 6 token blocks (4 S4ND + 2 MLA) on the
+    # 8x8 grid, patch size 1.
+    "small_v3": dict(patch_size=1, d_model=128, depth=6, layer_pattern="SSM", mlp_ratio=4.0, d_state=64,
+                     s4_kernel="dplr", n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                     v_head_dim=32, noise_channels=128, s4_2d=True, conv_channels=(32, 64), conv_blocks=1),
     # GPU presets sized like EDM's teachers. GFLOPs: one forward pass of one image counted by torch.utils.flop_counter
     # (matmuls, convolutions, attention; the S4 kernels' and FFTs' few FLOPs are not counted).
     # CIFAR-10 (32x32x3, 10 classes), 256 tokens, 8 S4 + 4 MLA layers. 54,830,092 params (54,824,460 uncond),
@@ -126,6 +132,9 @@ class HybridDenoiser(ModelMixin, ConfigMixin):
         mlp_conv: bool = False,             # Depthwise 3x3 conv inside every MLP.
         long_skips: bool = False,           # U-ViT long skips: block i feeds block depth-1-i (concat + linear).
         final_conv: bool = False,           # 3x3 conv on the unpatchified output (smooths patch seams).
+        # Version 3: convolutional U-Net levels around the token blocks; empty = none (versions 1 and 2).
+        conv_channels: tuple[int, ...] | list[int] = (),  # Widths of the conv levels at R, R/2, ...
+        conv_blocks: int = 1,               # ConvResBlocks per conv level (encoder and decoder each).
     ):
         super().__init__()
         # Validate the configuration.
@@ -139,12 +148,23 @@ class HybridDenoiser(ModelMixin, ConfigMixin):
                                  + ", ".join(f"{k!r} ({v})" for k, v in MIXERS.items()) + ".")
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}.")
-        self.grid = (img_resolution // patch_size, img_resolution // patch_size)
+        conv_channels = tuple(int(ch) for ch in conv_channels)
+        if any(ch < 1 for ch in conv_channels) or conv_blocks < 1:
+            raise ValueError(f"conv_channels must be positive widths and conv_blocks >= 1, got {conv_channels} and "
+                             f"{conv_blocks}.")
+        token_res = img_resolution >> len(conv_channels)                                       # after the conv levels
+        if token_res << len(conv_channels) != img_resolution or token_res % patch_size != 0:
+            raise ValueError(f"img_resolution {img_resolution} halved {len(conv_channels)} times (conv_channels "
+                             f"{list(conv_channels)}) must stay an integer divisible by patch_size {patch_size}.")
+        self.grid = (token_res // patch_size, token_res // patch_size)
         n_tokens = self.grid[0] * self.grid[1]
         self.layers = (layer_pattern * depth)[:depth]                                          # tiled pattern
 
-        # Patchify and position embedding.
-        self.x_embedder = nn.Conv2d(img_channels, d_model, kernel_size=patch_size, stride=patch_size)
+        # Conv levels (version 3) and patchify + position embedding.
+        token_channels = conv_channels[-1] if conv_channels else img_channels
+        self.encoder = ConvEncoder(img_channels, conv_channels, conv_blocks, d_model) if conv_channels else None
+        self.decoder = ConvDecoder(img_channels, conv_channels, conv_blocks, d_model) if conv_channels else None
+        self.x_embedder = nn.Conv2d(token_channels, d_model, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d_model, *self.grid), persistent=False)
 
         # Conditioning: MLP(Fourier(c_noise)) + label embedding (row label_dim is the null class).
@@ -166,7 +186,7 @@ class HybridDenoiser(ModelMixin, ConfigMixin):
         # U-ViT long skips: the outputs of the first depth // 2 blocks enter the last depth // 2 in reverse order.
         self.skip_linears = (nn.ModuleList(nn.Linear(2 * d_model, d_model) for _ in range(depth // 2))
                              if long_skips else None)
-        self.final_layer = FinalLayer(d_model, patch_size * patch_size * img_channels)
+        self.final_layer = FinalLayer(d_model, patch_size * patch_size * token_channels)
         self.out_conv = nn.Conv2d(img_channels, img_channels, 3, padding=1) if final_conv else None
         self._init_weights()
 
@@ -193,6 +213,11 @@ class HybridDenoiser(ModelMixin, ConfigMixin):
             nn.init.zeros_(layer.bias)
         if self.out_conv is not None:
             nn.init.zeros_(self.out_conv.bias)
+        for m in self.modules():                     # conv levels: their blocks start as their skip paths
+            if hasattr(m, "affine") and hasattr(m, "conv2"):
+                for layer in (m.affine, m.conv2):
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
 
     @classmethod
     def from_preset(cls, name: str, img_resolution: int, img_channels: int, label_dim: int = 0,
@@ -231,9 +256,6 @@ class HybridDenoiser(ModelMixin, ConfigMixin):
         B = x.shape[0]
         H, W = self.grid
 
-        # Tokens with position embedding.
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)        # (B, L, D)
-
         # Conditioning vector.
         emb = self.map_noise(self._noise_vector(c_noise, B, x.device))                         # (B, noise_channels)
         c = self.map_layer(emb.to(self.map_layer[0].weight.dtype))                             # (B, D)
@@ -244,6 +266,11 @@ class HybridDenoiser(ModelMixin, ConfigMixin):
         elif class_labels is not None:
             raise ValueError("class_labels were given to an unconditional model (label_dim = 0); pass None.")
 
+        # Conv levels (version 3), then tokens with position embedding.
+        if self.encoder is not None:
+            x, skips_conv = self.encoder(x, c)                                                 # (B, C', R', R')
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)        # (B, L, D)
+
         # Blocks, final layer, unpatchify.
         n_skip = len(self.skip_linears) if self.skip_linears is not None else 0
         skips = []
@@ -253,7 +280,10 @@ class HybridDenoiser(ModelMixin, ConfigMixin):
             h = block(h, c, (H, W))
             if i < n_skip:
                 skips.append(h)
-        h = self.final_layer(h, c)                                                             # (B, L, p*p*C)
-        h = h.view(B, H, W, p, p, C).permute(0, 5, 1, 3, 2, 4)                                 # (B, C, H, p, W, p)
-        h = h.reshape(B, C, H * p, W * p)
+        h = self.final_layer(h, c)                                                             # (B, L, p*p*C')
+        Ct = h.shape[-1] // (p * p)
+        h = h.view(B, H, W, p, p, Ct).permute(0, 5, 1, 3, 2, 4)                                # (B, C', H, p, W, p)
+        h = h.reshape(B, Ct, H * p, W * p)
+        if self.decoder is not None:                  # the token blocks are a residual middle of the conv U-Net
+            h = self.decoder(x + h, skips_conv, c)                                             # (B, C, R, R)
         return self.out_conv(h) if self.out_conv is not None else h

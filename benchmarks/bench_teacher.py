@@ -72,10 +72,10 @@ class UNetBackbone(nn.Module):
         return self.unet(x, t, class_labels=class_labels).sample
 
 
-def hybrid(**overrides):
+def hybrid(preset="small", **overrides):
     def build(label_dim):
         from backbones import HybridDenoiser
-        return HybridDenoiser.from_preset("small", 32, 1, label_dim=label_dim, **overrides)
+        return HybridDenoiser.from_preset(preset, 32, 1, label_dim=label_dim, **overrides)
     return build
 
 
@@ -86,6 +86,10 @@ CANDIDATES = {
     "v2-no-conv": ("v2 without the depthwise conv in the MLP", hybrid(**{**V2, "mlp_conv": False})),
     "v2-no-skips": ("v2 without the U-ViT long skips", hybrid(**{**V2, "long_skips": False})),
     "v2-no-outconv": ("v2 without the output conv", hybrid(**{**V2, "final_conv": False})),
+    "v3": ("v3 (small_v3 preset): conv U-Net levels at 32/16 px around S4ND + MLA blocks on the 8x8 grid",
+           hybrid("small_v3")),
+    "v3-1d": ("v3 with 1-D S4 scans instead of S4ND", hybrid("small_v3", s4_2d=False)),
+    "v3-mha": ("v3 with MHA instead of MLA", hybrid("small_v3", layer_pattern="SSA")),
     "unet": ("anchor: diffusers UNet2DModel (32-64-128, attention at 16 and 8 px)", lambda ld: UNetBackbone(ld)),
 }
 
