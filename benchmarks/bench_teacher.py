@@ -88,6 +88,7 @@ CANDIDATES = {
     "v2-no-outconv": ("v2 without the output conv", hybrid(**{**V2, "final_conv": False})),
     "v3": ("v3 (small_v3 preset): conv U-Net levels at 32/16 px around S4ND + MLA blocks on the 8x8 grid",
            hybrid("small_v3")),
+    "v3-narrow": ("v3 with conv levels of 16 and 32 channels", hybrid("small_v3", conv_channels=(16, 32))),
     "v3-1d": ("v3 with 1-D S4 scans instead of S4ND", hybrid("small_v3", s4_2d=False)),
     "v3-mha": ("v3 with MHA instead of MLA", hybrid("small_v3", layer_pattern="SSA")),
     "unet": ("anchor: diffusers UNet2DModel (32-64-128, attention at 16 and 8 px)", lambda ld: UNetBackbone(ld)),
