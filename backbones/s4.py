@@ -62,7 +62,8 @@ def _ext(x: Tensor) -> Tensor:
 
 # Elements (channel x state x frequency) per chunk of the Cauchy and Vandermonde products. Materialising the whole
 # (H, N, L) matrix is memory-bound; on a CPU a chunk that stays in cache makes the DPLR kernel ~3-4x faster forward
-# + backward (bench_backbones.py). Accelerators get large chunks (few launches); that value is not tuned.
+# + backward (bench_backbones.py; 2**17 and 2**20 were slower than 2**19 for the pair product at L = 256 and 4096).
+# Accelerators get large chunks (few launches); that value is not tuned.
 CHUNK_ELEMENTS = {"cpu": 2**19}
 DEFAULT_CHUNK_ELEMENTS = 2**24
 
@@ -72,53 +73,136 @@ def _chunk(rows: int, device: torch.device) -> int:
 
 
 def cauchy_naive(v: Tensor, lam: Tensor, s: Tensor, a: Tensor) -> Tensor:
-    """Reference for cauchy: r[r, h, k] = sum_n v[r, h, n] / (a[k] - s[h, k] lam[h, n]), the whole (H, N, K)
-    matrix materialised. v (R, H, N), lam (H, N), s (H, K), a (K,), all complex."""
+    """Reference Cauchy product over explicit states: r[r, h, k] = sum_n v[r, h, n] / (a[k] - s[h, k] lam[h, n]),
+    the whole (H, N, K) matrix materialised. v (R, H, N), lam (H, N), s (H, K), a (K,), all complex."""
     return torch.einsum("rhn,hnk->rhk", v, 1 / (a - s[:, None, :] * lam[:, :, None]))
 
 
-class _Cauchy(torch.autograd.Function):
-    """cauchy_naive computed over chunks of k; backward recomputes each chunk instead of saving the (H, N, K)
-    matrix, so the memory is O(H N + R H K). Gradients in torch's convention for complex inputs (conjugate
-    Wirtinger): with w = 1 / (a - s lam), grad_v = sum_k g conj(w), and for G = sum_r g conj(v) conj(w)^2,
-    grad_lam = sum_k G conj(s), grad_s = sum_n G conj(lam). ``a`` is a constant (no gradient)."""
+# Conjugate pairs (S4 paper, Appendix C.3: only N/2 states are kept). At z_k = exp(-i theta_k), theta_k = 2 pi k / L,
+# the bilinear resolvent is 1 / (a - s lambda) with a = 1 - z and s = (1 + z) dt / 2, so a = i phi s with the real
+# phi = (2 / dt) tan(theta / 2). With Y1 = 2 Re v, Y2 = 2 Re(v conj lam), x = Re lam, q = |lam|^2, one pair
+# (v, lam), (conj v, conj lam) contributes
+#     v / (a - s lam) + conj v / (a - s conj lam) = (i phi Y1 - Y2) / (s (q - phi^2 - 2 i phi x))
+#         = (i (gamma / 2) Y1 - beta Y2) / (s D),  D = beta q - alpha - i gamma x,
+# dividing by 1 + phi^2: alpha = phi^2 / (1 + phi^2), beta = 1 / (1 + phi^2), gamma = 2 phi / (1 + phi^2) are real and
+# bounded, and gamma / s, beta / s stay finite at z = -1 (s = 0, phi = inf). So the product runs over M = N/2 pairs
+# with real numerators and a denominator real-affine in (q, x): real times complex, no complex division.
+
+
+def pair_coefficients(dt: Tensor, L: int, k0: int = 0, k1: int | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per channel and rfft frequency (H, K): real alpha, beta, gamma of the scaled pair denominator
+    D = beta q - alpha - i gamma x, and complex gamma / (2 s), beta / s and s (see the comment above). With the half
+    angle t = theta / 2 and E = (dt cos t)^2 + 4 sin^2 t: alpha = 4 sin^2 t / E, beta = (dt cos t)^2 / E,
+    gamma = 4 dt sin t cos t / E, gamma / (2 s) = 2 sin t e^{it} / E, beta / s = dt cos t e^{it} / E and
+    s = dt cos t e^{-it}. dt: real (H,); frequencies k0 <= k < k1 (default all, K = L // 2 + 1)."""
+    j = torch.arange(k0, L // 2 + 1 if k1 is None else k1, dtype=torch.float64, device=dt.device)
+    # Trigonometry of the roots of unity in float64; cos t = sin(pi (L - 2j) / (2L)) is exactly 0 at Nyquist.
+    sin, cos = torch.sin(math.pi * j / L), torch.sin(math.pi * (L - 2 * j) / (2 * L))  # (K,)
+    e = torch.polar(torch.ones_like(j), math.pi * j / L).to(_complex(dt.dtype))  # e^{it}, (K,)
+    sin, cos = sin.to(dt.dtype), cos.to(dt.dtype)
+    dc = dt[:, None] * cos  # (H, K)
+    E = dc * dc + 4 * sin * sin  # > 0 for every k
+    alpha, beta, gamma = 4 * sin * sin / E, dc * dc / E, 4 * sin * dc / E
+    return alpha, beta, gamma, 2 * sin / E * e, dc / E * e, dc * e.conj()
+
+
+def _complex(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+class _Buffers(dict):
+    """Chunk-sized scratch tensors reused across the chunks of one call: a fresh large tensor per operation costs
+    page faults on a CPU (glibc hands large blocks back to the system), which halved the speed at L = 256."""
+
+    def __init__(self, like: Tensor):
+        super().__init__()
+        self.like = like
+
+    def get(self, name: str, *shape: int) -> Tensor:
+        t = super().get(name)
+        if t is None or t.shape != shape:
+            t = self[name] = self.like.new_empty(shape)
+        return t
+
+
+def _pair_resolvent(q: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, buf: _Buffers) -> Tensor:
+    """W = 1 / D, D = beta q - alpha - i gamma x, as real (H, M, 2, k): [Re W | Im W]. q, x (H, M); alpha, beta,
+    gamma (H, k). Computed in place in ``buf``; valid until the next call with the same buffers."""
+    (H, M), k = q.shape, alpha.shape[-1]
+    W, inv = buf.get("W", H, M, 2, k), buf.get("inv", H, M, k)
+    Dr, Di = W[:, :, 0], W[:, :, 1]  # Re D, -Im D
+    torch.addcmul(-alpha[:, None], q[:, :, None], beta[:, None], out=Dr)
+    torch.mul(x[:, :, None], gamma[:, None], out=Di)
+    torch.mul(Dr, Dr, out=inv).addcmul_(Di, Di).reciprocal_()  # 1 / |D|^2
+    return W.mul_(inv[:, :, None])  # 1 / D = conj(D) / |D|^2
+
+
+class _CauchyPairs(torch.autograd.Function):
+    """out[h, r, k] = sum_n Y[h, r, n] W[h, n, k], W = 1 / D, D = beta q - alpha - i gamma x, all inputs real,
+    computed over chunks of k; backward recomputes each chunk. In torch's convention for complex outputs (conjugate
+    Wirtinger) with g the output gradient and G = sum_r g Y: grad_Y = Re sum_k g conj(W); the gradient reaching D is
+    Z = -G conj(W)^2, so (Re D, -Im D) get (Re Z, -Im Z) and the real inputs get their sums over k or n."""
 
     @staticmethod
-    def forward(ctx, v: Tensor, lam: Tensor, s: Tensor, a: Tensor, chunk: int) -> Tensor:
-        ctx.save_for_backward(v, lam, s, a)
+    def forward(ctx, Y: Tensor, q: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor,
+                chunk: int) -> Tensor:
+        ctx.save_for_backward(Y, q, x, alpha, beta, gamma)
         ctx.chunk = chunk
-        K = a.shape[0]
-        return torch.cat([cauchy_naive(v, lam, s[:, i : i + chunk], a[i : i + chunk]) for i in range(0, K, chunk)],
-                         dim=-1)
+        H, R, K = Y.shape[0], Y.shape[1], alpha.shape[-1]
+        out, buf = Y.new_empty(H, R, 2, K), _Buffers(Y)
+        for i in range(0, K, chunk):
+            j = slice(i, i + chunk)
+            W = _pair_resolvent(q, x, alpha[:, j], beta[:, j], gamma[:, j], buf)  # (H, M, 2, k)
+            out[..., j] = torch.bmm(Y, W.flatten(2)).view(H, R, 2, -1)
+        return torch.complex(out[:, :, 0], out[:, :, 1])  # (H, R, K)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
-        v, lam, s, a = ctx.saved_tensors
-        need_v, need_lam, need_s = ctx.needs_input_grad[:3]
-        if ctx.needs_input_grad[3]:
-            raise RuntimeError("cauchy: no gradient with respect to the constant a")
-        grad_v = torch.zeros_like(v) if need_v else None
-        grad_lam = torch.zeros_like(lam) if need_lam else None
-        grad_s = []
-        v_conj, lam_conj = v.conj(), lam.conj()
-        for i in range(0, a.shape[0], ctx.chunk):
-            s_i, g_i = s[:, i : i + ctx.chunk], g[..., i : i + ctx.chunk]
-            w = (1 / (a[i : i + ctx.chunk] - s_i[:, None, :] * lam[:, :, None])).conj()  # (H, N, k)
-            if need_v:
-                grad_v += torch.einsum("rhk,hnk->rhn", g_i, w)
-            if need_lam or need_s:
-                G = torch.einsum("rhk,rhn->hnk", g_i, v_conj) * w.square()  # (H, N, k)
-                if need_lam:
-                    grad_lam += torch.einsum("hnk,hk->hn", G, s_i.conj())
-                if need_s:
-                    grad_s.append(torch.einsum("hnk,hn->hk", G, lam_conj))
-        return grad_v, grad_lam, torch.cat(grad_s, dim=-1) if need_s else None, None, None
+        Y, q, x, alpha, beta, gamma = ctx.saved_tensors
+        need = ctx.needs_input_grad[:6]
+        H, R, M = Y.shape
+        K = alpha.shape[-1]
+        g = torch.stack([g.real, g.imag], dim=2)  # (H, R, 2, K)
+        grad_Y, grad_q, grad_x = (torch.zeros_like(t) if n else None for t, n in zip((Y, q, x), need[:3]))
+        grad_alpha, grad_beta, grad_gamma = (torch.empty_like(alpha) if n else None for n in need[3:])
+        Y_t, buf = Y.mT.contiguous(), _Buffers(Y)  # (H, M, R)
+        for i in range(0, K, ctx.chunk):
+            j = slice(i, i + ctx.chunk)
+            W = _pair_resolvent(q, x, alpha[:, j], beta[:, j], gamma[:, j], buf)  # (H, M, 2, k)
+            k = W.shape[-1]
+            g_j = g[..., j].reshape(H, R, 2 * k)
+            if need[0]:
+                grad_Y.baddbmm_(g_j, W.view(H, M, 2 * k).mT)
+            if not any(need[1:]):
+                continue
+            G = torch.bmm(Y_t, g_j, out=buf.get("G", H, M, 2 * k)).view(H, M, 2, k)  # sum_r g Y: Re, Im
+            Wr, Wi, Gr, Gi = W[:, :, 0], W[:, :, 1], G[:, :, 0], G[:, :, 1]
+            A, Bq, tmp = buf.get("A", H, M, k), buf.get("Bq", H, M, k), buf.get("tmp", H, M, k)
+            torch.mul(Wr, Wr, out=A).addcmul_(Wi, Wi, value=-1)  # conj(W)^2 = A - 2i Bq
+            torch.mul(Wr, Wi, out=Bq)
+            # Z = -G conj(W)^2: Re D gets Re Z = -gDr, -Im D gets -Im Z = gDi.
+            gDr = torch.mul(Gr, A, out=buf.get("gDr", H, M, k)).addcmul_(Gi, Bq, value=2)  # minus grad of Re D
+            gDi = torch.mul(Gi, A, out=buf.get("gDi", H, M, k)).addcmul_(Gr, Bq, value=-2)  # grad of -Im D
+            # Re D = beta q - alpha, -Im D = gamma x.
+            if need[1]:
+                grad_q.sub_(torch.mul(gDr, beta[:, None, j], out=tmp).sum(-1))
+            if need[2]:
+                grad_x.add_(torch.mul(gDi, gamma[:, None, j], out=tmp).sum(-1))
+            if need[3]:
+                grad_alpha[:, j] = gDr.sum(1)
+            if need[4]:
+                grad_beta[:, j] = torch.mul(gDr, q[:, :, None], out=tmp).sum(1).neg_()
+            if need[5]:
+                grad_gamma[:, j] = torch.mul(gDi, x[:, :, None], out=tmp).sum(1)
+        return grad_Y, grad_q, grad_x, grad_alpha, grad_beta, grad_gamma, None
 
 
-def cauchy(v: Tensor, lam: Tensor, s: Tensor, a: Tensor) -> Tensor:
-    """r[r, h, k] = sum_n v[r, h, n] / (a[k] - s[h, k] lam[h, n]), chunked over k (see CHUNK_ELEMENTS)."""
-    return _Cauchy.apply(v, lam, s, a, _chunk(lam.numel(), lam.device))
+def cauchy_pairs(Y: Tensor, q: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor) -> Tensor:
+    """out[h, r, k] = sum_n Y[h, r, n] / (beta[h, k] q[h, n] - alpha[h, k] - i gamma[h, k] x[h, n]), chunked over k
+    (see CHUNK_ELEMENTS), all inputs real: Y (H, R, M); q, x (H, M); alpha, beta, gamma (H, K). Complex (H, R, K)."""
+    return _CauchyPairs.apply(Y, q, x, alpha, beta, gamma, _chunk(2 * q.numel(), q.device))
 
 
 def dplr_kernel(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int) -> Tensor:
@@ -126,21 +210,35 @@ def dplr_kernel(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: 
 
     Lambda, P, B: complex (H, M); C: complex (dirs, H, M); dt: real (H,). Returns real (dirs, H, L), O(N L).
     """
-    # Roots of unity of the rfft half spectrum.
-    j = torch.arange(L // 2 + 1, dtype=torch.float64, device=dt.device)
-    z = torch.polar(torch.ones_like(j), -2 * math.pi * j / L)  # (K,) complex128
-    # 1 - z and 1 + z are formed in float64 before the cast: near z = 1 (low frequencies) 1 - z loses about
-    # log2(1 / |1 - z|) bits, which in complex64 is a 3e-5 relative kernel error at L = 16384.
-    one_minus_z, one_plus_z = (1 - z).to(Lambda.dtype), (1 + z).to(Lambda.dtype)
     # K_hat(z) = C~ (I - A_bar z)^-1 B_bar = dt C~ [(1 - z) I - s A]^-1 B with s = (1 + z) dt / 2, i.e. the
     # 2/(1+z) (g(z) - A)^-1 form multiplied through by (1 + z) dt / 2, which stays finite at z = -1.
+    # Four Cauchy products over the conjugate-extended state: C~B, C~P, P*B, P*P, each summed over one member of
+    # every conjugate pair (cauchy_pairs).
+    dirs = C.shape[0]
+    v = torch.cat([C * B, C * P, (P.conj() * B)[None], (P.conj() * P)[None]]).transpose(0, 1)  # (H, R, M)
+    Y = torch.cat([v.real, (v * Lambda.conj()[:, None]).real], dim=1) * 2  # (H, 2R, M): 2 Re v, 2 Re(v conj lam)
+    q, x = Lambda.real.square() + Lambda.imag.square(), Lambda.real  # (H, M)
+    alpha, beta, gamma, u, w, s = pair_coefficients(dt, L)  # (H, K) each
+    # Split, not sliced: a slice's backward zero-fills the whole (H, 2R, K) gradient.
+    out1, out2 = cauchy_pairs(Y, q, x, alpha, beta, gamma).chunk(2, dim=1)  # (H, R, K) each
+    r = (1j * u[:, None]) * out1 - w[:, None] * out2  # (H, R, K): C~B, C~P (per direction), P*B, P*P
+    k00, k01, k10, k11 = r.split([dirs, dirs, 1, 1], dim=1)
+    # Woodbury identity for the rank-1 term.
+    K_hat = dt[:, None, None] * (k00 - s[:, None] * k10 / (1 + s[:, None] * k11) * k01)  # (H, dirs, K)
+    return torch.fft.irfft(K_hat, n=L).transpose(0, 1)  # (dirs, H, L)
+
+
+def dplr_kernel_full(Lambda: Tensor, P: Tensor, B: Tensor, C: Tensor, dt: Tensor, L: int) -> Tensor:
+    """Reference for dplr_kernel: the same generating function with the Cauchy products taken over the whole
+    conjugate-extended state (cauchy_naive), O(N L) with a materialised (H, N, K) matrix."""
+    j = torch.arange(L // 2 + 1, dtype=torch.float64, device=dt.device)
+    z = torch.polar(torch.ones_like(j), -2 * math.pi * j / L)  # (K,) complex128
+    one_minus_z, one_plus_z = (1 - z).to(Lambda.dtype), (1 + z).to(Lambda.dtype)
     s = one_plus_z * dt[:, None] / 2  # (H, K)
-    # Four Cauchy products over the conjugate-extended state (1 / ((1 - z) - s Lambda_n)): C~B, C~P, P*B, P*P.
     dirs = C.shape[0]
     v = torch.cat([C * B, C * P, (P.conj() * B)[None], (P.conj() * P)[None]])  # (2 dirs + 2, H, M)
-    r = cauchy(_ext(v), _ext(Lambda), s, one_minus_z)  # (2 dirs + 2, H, K)
+    r = cauchy_naive(_ext(v), _ext(Lambda), s, one_minus_z)  # (2 dirs + 2, H, K)
     k00, k01, k10, k11 = r[:dirs], r[dirs : 2 * dirs], r[-2], r[-1]
-    # Woodbury identity for the rank-1 term.
     K_hat = dt[:, None] * (k00 - s * k01 * k10 / (1 + s * k11))  # (dirs, H, K)
     return torch.fft.irfft(K_hat, n=L)  # (dirs, H, L)
 

@@ -86,33 +86,74 @@ def chunking(request, monkeypatch):
     return request.param
 
 
-def test_cauchy_matches_materialised_product_and_its_gradients(monkeypatch):
-    monkeypatch.setitem(s4.CHUNK_ELEMENTS, "cpu", 7 * 6)  # H N = 6: chunks of 7 over K = 23
+def cauchy_pairs_naive(Y, q, x, alpha, beta, gamma):
+    # out[h, r, k] = sum_n Y[h, r, n] / D[h, n, k], D = beta q - alpha - i gamma x, materialised, plain autograd.
+    D = beta[:, None, :] * q[:, :, None] - alpha[:, None, :] - 1j * gamma[:, None, :] * x[:, :, None]  # (H, M, K)
+    return torch.einsum("hrn,hnk->hrk", Y.to(D.dtype), 1 / D)
+
+
+def test_cauchy_pairs_matches_materialised_product_and_its_gradients(monkeypatch):
+    monkeypatch.setitem(s4.CHUNK_ELEMENTS, "cpu", 2 * 2 * 3 * 7)  # 2 H M = 12: chunks of 7 over K = 23
     g = torch.Generator().manual_seed(0)
-    R, H, N, K = 3, 2, 3, 23
+    H, R, M, K = 2, 5, 3, 23
 
-    def c(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.complex128)
+    def r(*shape, lo=-1.0, hi=1.0):
+        return (lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=torch.float64)).requires_grad_()
 
-    v, lam, s = c(R, H, N).requires_grad_(), (c(H, N) - 2).requires_grad_(), c(H, K).requires_grad_()
-    a = torch.polar(torch.ones(K, dtype=torch.float64), torch.linspace(0, 3, K, dtype=torch.float64)) + 3
-    r, r_ref = s4.cauchy(v, lam, s, a), s4.cauchy_naive(v, lam, s, a)
-    assert r.shape == (R, H, K) and rel_err(r, r_ref) < 1e-14
-    w = c(R, H, K)  # a random complex projection: the loss Re sum(r conj(w)) sees every entry of r
+    inputs = (r(H, R, M), r(H, M, lo=0.5, hi=2.0), r(H, M, lo=-1.0, hi=-0.1), r(H, K), r(H, K), r(H, K))
+    out, ref = s4.cauchy_pairs(*inputs), cauchy_pairs_naive(*inputs)
+    assert out.shape == (H, R, K) and out.is_complex() and rel_err(out, ref) < 1e-14
+    w = torch.randn(H, R, K, generator=g, dtype=torch.complex128)
 
-    def loss_grads(out, inputs):
-        return torch.autograd.grad((out * w.conj()).real.sum(), inputs)
+    def loss_grads(o):
+        return torch.autograd.grad((o * w.conj()).real.sum(), inputs)
 
-    for grad, grad_ref in zip(loss_grads(r, [v, lam, s]), loss_grads(r_ref, [v, lam, s]), strict=True):
-        assert grad.abs().max() > 0
-        assert rel_err(grad, grad_ref) < 1e-13
-    assert torch.autograd.gradcheck(lambda v, lam, s: s4.cauchy(v, lam, s, a), (v, lam, s))
+    for grad, grad_ref in zip(loss_grads(out), loss_grads(ref), strict=True):
+        assert grad.abs().max() > 0 and rel_err(grad, grad_ref) < 1e-13
+    assert torch.autograd.gradcheck(s4.cauchy_pairs, inputs)
     # Only the inputs that need a gradient get one; second derivatives are refused, not silently wrong.
-    (g_s,) = torch.autograd.grad(s4.cauchy(v.detach(), lam.detach(), s, a).abs().sum(), [s])
-    assert torch.allclose(g_s, torch.autograd.grad(s4.cauchy_naive(v, lam, s, a).abs().sum(), [s])[0])
-    (g_v,) = torch.autograd.grad(s4.cauchy(v, lam, s, a).abs().sum(), [v], create_graph=True)
+    (g_beta,) = torch.autograd.grad(s4.cauchy_pairs(*(t.detach() for t in inputs[:4]), inputs[4], inputs[5].detach())
+                                    .abs().sum(), [inputs[4]])
+    assert torch.allclose(g_beta, torch.autograd.grad(cauchy_pairs_naive(*inputs).abs().sum(), [inputs[4]])[0])
+    (g_Y,) = torch.autograd.grad(s4.cauchy_pairs(*inputs).abs().sum(), [inputs[0]], create_graph=True)
     with pytest.raises(RuntimeError):
-        g_v.abs().sum().backward()
+        g_Y.abs().sum().backward()
+
+
+@pytest.mark.parametrize("L", [16, 17, 2])
+def test_conjugate_pairs_equal_the_full_cauchy_product(L):
+    """One member per conjugate pair (real numerators, scaled real-affine denominators) gives the Cauchy product
+    over the whole conjugate-extended state at every rfft frequency, including z = -1 (even L, where s = 0)."""
+    g = torch.Generator().manual_seed(0)
+    H, R, M = 3, 4, 5
+    v = torch.randn(R, H, M, generator=g, dtype=torch.complex128)
+    lam = torch.complex(-torch.rand(H, M, generator=g, dtype=torch.float64) - 0.1,
+                        30 * torch.randn(H, M, generator=g, dtype=torch.float64))
+    dt = torch.tensor([1e-3, 3e-2, 0.7], dtype=torch.float64)
+    j = torch.arange(L // 2 + 1, dtype=torch.float64)
+    z = torch.polar(torch.ones_like(j), -2 * math.pi * j / L)
+    full = s4.cauchy_naive(s4._ext(v), s4._ext(lam), (1 + z) * dt[:, None] / 2, 1 - z)  # (R, H, K)
+    alpha, beta, gamma, u, w, s = s4.pair_coefficients(dt, L)
+    assert torch.allclose(s, (1 + z) * dt[:, None] / 2, rtol=0, atol=1e-15)
+    assert torch.allclose(alpha + beta, torch.ones_like(alpha))  # alpha = phi^2 / (1 + phi^2), beta = 1 / (1 + phi^2)
+    Y = torch.cat([2 * v.real, 2 * (v * lam.conj()).real]).transpose(0, 1)  # (H, 2R, M)
+    out = s4.cauchy_pairs(Y, lam.abs().square(), lam.real, alpha, beta, gamma)
+    pairs = 1j * u[:, None] * out[:, :R] - w[:, None] * out[:, R:]  # (H, R, K)
+    assert torch.isfinite(pairs).all() and rel_err(pairs.transpose(0, 1), full) < 1e-13
+    # The first half of the frequencies by its own coefficients (as a chunked caller would ask for them).
+    half = s4.pair_coefficients(dt, L, 0, L // 4 + 1)
+    assert all(torch.equal(a[:, : L // 4 + 1], b) for a, b in zip((alpha, beta, gamma, u, w, s), half, strict=True))
+
+
+@pytest.mark.parametrize("L", [16, 33])
+def test_dplr_kernel_matches_full_state_kernel(L, chunking):
+    m = make("dplr", True, d_model=4, l_max=L)
+    params = [m.C, m.log_dt, m.log_A_real, m.A_imag, m.B, m.P]
+    s = m._continuous()
+    k, k_ref = m.kernel(L), s4.dplr_kernel_full(s["A"], s["P"], s["B"], s["C"], s["dt"], L)
+    assert rel_err(k, k_ref) < 1e-13
+    for g, g_ref in zip(grads(k, params), grads(k_ref, params), strict=True):
+        assert rel_err(g, g_ref) < 1e-11
 
 
 @pytest.mark.parametrize("L, l_max, bidirectional", [(32, 32, False), (33, 33, True), (20, 48, True), (16, None, True)])
