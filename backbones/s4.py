@@ -476,13 +476,16 @@ class S4(nn.Module):
         return key == (L, *((p.device, p.dtype) for p in params)) and all(
             torch.equal(a, b) for a, b in zip(snapshot, params, strict=True))
 
+    @torch.compiler.disable
     def cached_kernel(self, L: int) -> Tensor:
         """``kernel(L)``, reused while the parameters are unchanged and need no gradient: a frozen teacher, the
         multi-step sampler and no-grad generator calls compute each layer's kernel once, not once per call.
-        Optimizer steps, ``load_state_dict``, EMA swaps and ``.data`` writes all change the values and so rebuild."""
+        Optimizer steps, ``load_state_dict``, EMA swaps and ``.data`` writes all change the values and so rebuild.
+        Never traced by ``torch.compile`` (a graph break): a compiled network runs this eagerly, so its frozen
+        layers keep using the cache instead of rebuilding every kernel inside the graph on every call."""
         params = self._kernel_params()
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if needs_grad or not KERNEL_CACHE or torch.compiler.is_compiling() or any(p.is_inference() for p in params):
+        if needs_grad or not KERNEL_CACHE or any(p.is_inference() for p in params):
             self._kernel_cache = None
             return self.kernel(L)
         if not self._cache_valid(L, params):

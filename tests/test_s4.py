@@ -379,3 +379,31 @@ def test_kernel_cache_is_reused_only_while_parameters_are_unchanged(kernel, monk
         m.load_state_dict(state)
         assert torch.equal(m(u), fresh(u))
         assert torch.allclose(m.float()(u.float()), fresh(u.float()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", ["s4", "s4nd"])
+def test_compiled_frozen_layer_uses_the_kernel_cache(cls, monkeypatch):
+    """Kernel generation stays out of torch.compile graphs: a compiled frozen layer builds its kernel once over many
+    calls (as eager does), gives the eager outputs, and a compiled trainable layer still trains the SSM parameters."""
+    from backbones.s4nd import S4ND
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = s4.S4(8, 8, l_max=16) if cls == "s4" else S4ND(8, 8, grid=(4, 4))
+    u = torch.randn(2, 16, 8)
+    calls = []
+    build = s4.S4.kernel
+    monkeypatch.setattr(s4.S4, "kernel", lambda self, L: calls.append(L) or build(self, L))
+    m.requires_grad_(False)
+    with torch.no_grad():
+        eager = m(u)
+    assert len(calls) == 1
+    compiled = torch.compile(m, backend="eager", fullgraph=False)
+    with torch.no_grad():
+        outs = [compiled(u) for _ in range(3)]
+    assert len(calls) == 1, "the compiled layer rebuilt a cached kernel"
+    assert all(torch.allclose(o, eager, rtol=1e-6, atol=1e-6) for o in outs)
+    m.requires_grad_(True)
+    compiled(u).square().sum().backward()
+    assert len(calls) == 2 and m.log_dt.grad is not None and m.log_dt.grad.abs().sum() > 0
+    torch._dynamo.reset()
