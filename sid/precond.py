@@ -54,8 +54,17 @@ class EDMPrecond(nn.Module):
         return c_skip * x + c_out * F_x.to(torch.float32)
 
     def save_pretrained(self, folder: str) -> None:
-        """Write the backbone (config.json + safetensors); ``sid.teachers.load_teacher`` reads it back."""
+        """Write the backbone (config.json + safetensors) and the preconditioning (``PRECOND_FILE``:
+        ``{"precond": "EDMPrecond", "sigma_data": ...}``); ``sid.teachers.load_teacher`` reads both back."""
+        import json
+        import os
+
         self.backbone.save_pretrained(folder)
+        with open(os.path.join(folder, PRECOND_FILE), "w") as fh:
+            json.dump({"precond": "EDMPrecond", "sigma_data": float(self.sigma_data)}, fh, indent=2)
+
+
+PRECOND_FILE = "sid_precond.json"  # next to a sid denoiser's config.json; folders without it have sigma_data 0.5
 
 
 # ----------------------------------------------------------------------------
