@@ -49,9 +49,14 @@ FULL_SAMPLE_COUNTS = {"fd_lenet": 2000, "fid": 50000}
 _warned: set[tuple[str, int]] = set()
 
 
-def small_sample_warning(metric: str, num_samples: int) -> str | None:
-    """One line saying that ``metric`` over ``num_samples`` samples is not comparable with the published figures,
-    or None when the count is the full one."""
+def small_sample_warning(metric: str, num_samples: int, feature_dim: int | None = None) -> str | None:
+    """One line saying that ``metric`` over ``num_samples`` samples is not meaningful (no more samples than the
+    detector's ``feature_dim``: the sample covariance has rank at most ``num_samples - 1`` and is singular) or not
+    comparable with the published figures; None when the count is the full one."""
+    if feature_dim is not None and num_samples <= feature_dim:
+        return (f"warning: {metric} over {num_samples:,} samples is not meaningful: the covariance of {feature_dim}-d "
+                f"features from {num_samples:,} samples is singular (rank <= {num_samples - 1}); use well over "
+                f"{feature_dim:,} samples")
     full = FULL_SAMPLE_COUNTS.get(metric)
     if full is None or num_samples >= full:
         return None
@@ -59,8 +64,8 @@ def small_sample_warning(metric: str, num_samples: int) -> str | None:
             f"of the reference figures; compare it only with values over {num_samples:,} samples")
 
 
-def _warn_small_sample(metric: str, num_samples: int, accelerator: Any) -> None:
-    msg = small_sample_warning(metric, num_samples)
+def _warn_small_sample(metric: str, num_samples: int, accelerator: Any, feature_dim: int | None = None) -> None:
+    msg = small_sample_warning(metric, num_samples, feature_dim)
     if msg is not None and _is_main(accelerator) and (metric, num_samples) not in _warned:
         _warned.add((metric, num_samples))
         print(msg, file=sys.stderr)
@@ -366,7 +371,7 @@ def compute_metrics(make_images: Callable[[list[int]], torch.Tensor], seeds: Seq
     for m in metrics:
         s = stats[m].reduce(accelerator)
         value = frechet_distance(s.mean(), s.cov(), *refs[m])
-        _warn_small_sample(m, s.num, accelerator)
+        _warn_small_sample(m, s.num, accelerator, detectors[m].feature_dim)
         results.append({"metric": m, "value": value, "num_samples": s.num, "nfe": nfe})
     return results
 
