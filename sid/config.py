@@ -69,6 +69,17 @@ class GuidanceConfig:
 
 
 @dataclass
+class SiDAConfig:
+    enabled: bool = False  # SiDA: adversarial term with real images, the fake score's encoder as discriminator
+    lsd: float = 1.0  # fake-score phase: loss_edm + lsd * loss_discriminator
+    lsg: float = 100.0  # generator phase: 0.5 * lsg * loss_sid + 0.5 * lsg_gan * loss_gan
+    lsg_gan: float = 0.01  # weight of the GAN term in the generator loss
+    gan_start_kimg: float = 200.0  # the GAN term enters the generator loss from this many kimg (SiDA: 200)
+    fake_score_grad_clip: float | None = 1.0  # clip the fake score's gradients by value (SiDA: 1); null = off
+    logit_clamp: float = 10.0  # generator phase: logits clamped to [-logit_clamp, logit_clamp]
+
+
+@dataclass
 class SiDConfig:
     alpha: float = 1.2  # SiD loss weight alpha (docs/design.md section 4)
     tmax: float = 800.0  # t ~ U(0, tmax / 1000)
@@ -76,7 +87,12 @@ class SiDConfig:
     lr_generator: float = 1e-5  # Adam learning rate of the generator
     lr_fake_score: float = 1e-5  # Adam learning rate of the fake score
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Adam betas of both networks
+    betas_generator: list[float] | None = None  # Adam betas of the generator; null = sid.betas
+    betas_fake_score: list[float] | None = None  # Adam betas of the fake score; null = sid.betas
     eps: float = 1e-8  # Adam eps of both networks
+    fake_score_steps: int = 1  # fake-score updates per generator update
+    fake_score_warmup_kimg: float = 0.0  # no generator update (fake score only) for this many kimg
+    init_generator: str | None = None  # SiD2A: start the generator from this generator/ folder; null = teacher
     sigma_min: float = 0.002  # generator loss: noise level at t = 0
     sigma_max: float = 80.0  # generator loss: noise level at t = 1
     rho: float = 7.0  # generator loss: EDM time-step exponent
@@ -86,18 +102,23 @@ class SiDConfig:
     labels: str = "data"  # data (the dataset's label distribution) | uniform
     generator_steps: int = 1  # K: the generator applied K times, shared weights, trained end to end
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    sida: SiDAConfig = field(default_factory=SiDAConfig)
 
 
 @dataclass
 class EMAConfig:
-    halflife_kimg: float = 500.0  # EMA half-life of the exported network
-    rampup: float | None = 0.05  # effective half-life <= rampup * cur_nimg; None = no ramp-up
+    kind: str = "halflife"  # halflife (EDM: half-life + ramp-up) | power (EDM2: one average per sigma_rel)
+    halflife_kimg: float = 500.0  # halflife: EMA half-life of the exported network
+    rampup: float | None = 0.05  # halflife: effective half-life <= rampup * cur_nimg; None = no ramp-up
+    sigma_rel: list[float] = field(default_factory=lambda: [0.05, 0.10])  # power: widths relative to the run
+    export: str = "0"  # power: index in sigma_rel of the exported average, or best (lowest first metric)
 
 
 @dataclass
 class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: ["fd_lenet"])  # fd_lenet | fid
-    num_samples: int = 2000  # samples per evaluation during training
+    num_samples: int = 2000  # samples per evaluation during training (per seed set)
+    seed_sets: int = 1  # disjoint seed sets per evaluation (set k: seeds k*N..(k+1)*N-1); value = their mean
     batch_size: int = 250  # per-process evaluation batch
     detector: str | None = None  # fid: path of the Inception TorchScript file
     lenet: str = "assets/detectors/lenet_mnist5k.safetensors"  # fd_lenet detector
@@ -217,6 +238,7 @@ def load_config(config_file: str | None = None, overrides: list[str] | None = No
     cfg = _merge(cfg, flat, "on the command line")
     obj = OmegaConf.to_object(cfg)
     obj.teacher = project_path(obj.teacher)
+    obj.sid.init_generator = project_path(obj.sid.init_generator)
     obj.eval.lenet = project_path(obj.eval.lenet)
     validate(obj)
     return obj
@@ -325,9 +347,43 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     _require(0 <= s.guidance.fake_label_dropout < 1, f"config key 'sid.guidance.fake_label_dropout' is "
              f"{s.guidance.fake_label_dropout}, expected in [0, 1)")
     _check_betas("sid.betas", s.betas)
-    _require(cfg.ema.halflife_kimg > 0, f"config key 'ema.halflife_kimg' is {cfg.ema.halflife_kimg}, expected > 0")
-    _require(cfg.ema.rampup is None or cfg.ema.rampup > 0, f"config key 'ema.rampup' is {cfg.ema.rampup}, "
+    for key in ("betas_generator", "betas_fake_score"):
+        if getattr(s, key) is not None:
+            _check_betas(f"sid.{key}", getattr(s, key))
+    _require(s.eps > 0, f"config key 'sid.eps' is {s.eps}, expected a positive number")
+    _require(s.fake_score_steps >= 1, f"config key 'sid.fake_score_steps' is {s.fake_score_steps}, expected a "
+             "positive integer")
+    _require(s.fake_score_warmup_kimg >= 0 and math.isfinite(s.fake_score_warmup_kimg), "config key "
+             f"'sid.fake_score_warmup_kimg' is {s.fake_score_warmup_kimg}, expected a number >= 0")
+    if s.init_generator is not None:
+        _require(os.path.isdir(s.init_generator), f"config key 'sid.init_generator' is '{s.init_generator}', which "
+                 "is not a folder (expected the generator/ folder of a sid run)")
+    a = s.sida
+    for key in ("lsd", "lsg", "lsg_gan", "gan_start_kimg"):
+        value = getattr(a, key)
+        _require(value >= 0 and math.isfinite(value), f"config key 'sid.sida.{key}' is {value}, expected a number "
+                 ">= 0")
+    _require(a.lsg > 0, f"config key 'sid.sida.lsg' is {a.lsg}, expected a positive number")
+    _require(a.fake_score_grad_clip is None or a.fake_score_grad_clip > 0, "config key "
+             f"'sid.sida.fake_score_grad_clip' is {a.fake_score_grad_clip}, expected a positive number or null")
+    _require(a.logit_clamp > 0, f"config key 'sid.sida.logit_clamp' is {a.logit_clamp}, expected a positive number")
+    if a.enabled and cfg.kind == "sid":
+        _require(cfg.data.name != "none", "config key 'sid.sida.enabled' is true, but SiDA needs real images and "
+                 "data.name is none; expected a dataset")
+    # EMA.
+    m = cfg.ema
+    _require(m.kind in ("halflife", "power"), f"config key 'ema.kind' is {m.kind!r}, expected halflife or power")
+    _require(not (cfg.kind == "teacher" and m.kind != "halflife"), f"config key 'ema.kind' is {m.kind}, but "
+             "teacher training has the half-life EMA only; expected halflife")
+    _require(m.halflife_kimg > 0, f"config key 'ema.halflife_kimg' is {m.halflife_kimg}, expected > 0")
+    _require(m.rampup is None or m.rampup > 0, f"config key 'ema.rampup' is {m.rampup}, "
              "expected a positive number or null")
+    from .ema import SIGMA_REL_MAX
+
+    _require(len(m.sigma_rel) >= 1 and all(0 < v <= SIGMA_REL_MAX for v in m.sigma_rel), f"config key "
+             f"'ema.sigma_rel' is {list(m.sigma_rel)}, expected one or more numbers in (0, {SIGMA_REL_MAX:.4f}]")
+    _require(m.export == "best" or (m.export.isdigit() and int(m.export) < len(m.sigma_rel)), f"config key "
+             f"'ema.export' is {m.export!r}, expected best or an index into ema.sigma_rel (0..{len(m.sigma_rel) - 1})")
     if cfg.kind == "sid":
         _require(cfg.teacher is not None, "config key 'teacher' is required for kind=sid (a sid denoiser folder, "
                  "a diffusers pipeline folder or an EDM snapshot .pkl)")
@@ -337,6 +393,7 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     for m in e.metrics:
         _require(m in METRICS, f"config key 'eval.metrics' has {m!r}, expected names from {', '.join(METRICS)}")
     _require(e.num_samples > 1, f"config key 'eval.num_samples' is {e.num_samples}, expected at least 2")
+    _require(e.seed_sets >= 1, f"config key 'eval.seed_sets' is {e.seed_sets}, expected a positive integer")
     _require(e.batch_size > 0, f"config key 'eval.batch_size' is {e.batch_size}, expected a positive integer")
     if e.ref is not None:
         _require(os.path.isfile(e.ref), f"config key 'eval.ref' is '{e.ref}', which does not exist")

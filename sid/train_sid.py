@@ -2,9 +2,12 @@
 sections 4 and 11).
 
 Roles: ``teacher`` f_phi (frozen, never prepared), ``fake_score`` f_psi and the generator's network D_theta, both
-initialised as copies of the teacher. Real images are never used by the losses; the dataset only supplies the
-label distribution (and the reference statistics of the metrics). Optional terms: SiD-LSG guidance scales
-(``sid.guidance.*``) passed to the losses, and a K-step generator (``sid.generator_steps``).
+initialised as copies of the teacher (the generator from a distilled generator with ``sid.init_generator``, SiD2A).
+Plain SiD never uses real images; the dataset only supplies the label distribution and the metrics' reference.
+Optional terms: SiD-LSG guidance scales (``sid.guidance.*``), a K-step generator (``sid.generator_steps``), and
+SiDA (``sid.sida.*``), whose discriminator, the fake score's encoder, sees real images in the fake-score phase only.
+Schedule knobs: ``sid.fake_score_steps`` fake-score updates per generator update, a fake-score warm-up
+(``sid.fake_score_warmup_kimg``) without generator updates, and the EMA kind (``ema.*``).
 """
 
 from __future__ import annotations
@@ -13,18 +16,19 @@ import copy
 import json
 import os
 
+import numpy as np
 import torch
 
 from . import rng
 from .config import Config, UserError
-from .data import load_dataset, to_uint8
-from .ema import EMA
+from .data import load_dataset, to_model_range, to_uint8
+from .ema import EMA, PowerEMA
 from .generator import FewStepGenerator, generator_sigmas, seed_step_noise
-from .loss import edm_loss, generator_loss, sid_sigma
+from .loss import edm_loss, generator_loss, sid_sigma, sida_fake_score_loss, sida_generator_loss
 from .precond import EDMNetworkPrecond
 from .sampling import seed_labels, seed_latents
-from .teachers import DiffusersVPDenoiser, load_teacher, save_generator
-from .training import TrainingLoop, count_nonfinite, sanitize_gradients
+from .teachers import DiffusersVPDenoiser, load_generator, load_teacher, save_generator
+from .training import TrainingLoop, sanitize_gradients
 
 
 def teacher_reference(teacher_path: str, metric: str, num_samples: int) -> dict | None:
@@ -57,6 +61,23 @@ def with_null_class(denoiser, labels: torch.Tensor, drop: torch.Tensor) -> torch
     if isinstance(denoiser, EDMNetworkPrecond):
         return denoiser.one_hot(labels, labels.shape[0], labels.device) * (~drop).to(torch.float32)[:, None]
     return torch.where(drop, torch.full_like(labels, denoiser.label_dim), labels)
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: which samples hold only finite values."""
+    return torch.isfinite(x.detach()).flatten(1).all(1)
+
+
+def init_generator_weights(net: torch.nn.Module, path: str) -> float:
+    """Load the denoiser of the generator folder ``path`` into ``net`` (a copy of the teacher), for SiD2A; returns
+    that generator's sigma_init."""
+    generator = load_generator(path)
+    try:
+        net.load_state_dict(generator.denoiser.state_dict())
+    except RuntimeError as e:
+        raise UserError(f"config key 'sid.init_generator' is '{path}', whose network does not match the teacher's "
+                        f"({str(e).splitlines()[0]})") from e
+    return generator.init_sigma
 
 
 def launch_command() -> str:
@@ -119,11 +140,38 @@ class SiDLoop(TrainingLoop):
 
             check_metrics(cfg.eval.metrics, self.shape, detector_path=cfg.eval.detector, lenet_path=cfg.eval.lenet,
                           ref_path=cfg.eval.ref, has_ref_dataset=self.dataset is not None, training=True)
+        # SiDA: real images (and their labels) for the discriminator.
+        self.sida = s.sida.enabled
+        if self.sida:
+            if self.dataset is None:
+                raise UserError("config key 'sid.sida.enabled' is true, but SiDA needs real images and data.name is "
+                                "none; expected a dataset")
+            if self.label_dim > 0 and self.dataset.labels is None:
+                raise UserError(f"config key 'sid.sida.enabled' is true and the teacher is class-conditional, but "
+                                f"{self.dataset.name} has no labels for its real images; expected a labelled dataset")
+            if self.label_dim > 0 and self.dataset.num_classes > self.label_dim:
+                raise UserError(f"{self.dataset.name} has {self.dataset.num_classes} classes but the teacher only "
+                                f"{self.label_dim}")
+        if cfg.ema.export == "best" and cfg.ema.kind == "power" and not cfg.eval.metrics:
+            raise UserError("config key 'ema.export' is best, which picks the average by its metric, but eval.metrics "
+                            "is empty; expected an index into ema.sigma_rel or some metrics")
         # Generator and fake score start as copies of the teacher (of the foreign model for adapters).
         generator_net = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        if s.init_generator is not None:
+            init_sigma = init_generator_weights(generator_net, s.init_generator)
+            self.log(f"generator: initialised from {s.init_generator} (SiD2A; its sigma_init {init_sigma:g}, this run "
+                     f"{s.sigma_init:g})")
         fake_score = copy.deepcopy(self.teacher).train().requires_grad_(True)
-        opt_g = torch.optim.Adam(generator_net.parameters(), lr=s.lr_generator, betas=tuple(s.betas), eps=s.eps)
-        opt_f = torch.optim.Adam(fake_score.parameters(), lr=s.lr_fake_score, betas=tuple(s.betas), eps=s.eps)
+        if self.sida:
+            from .discriminator import SiDAFakeScore
+
+            fake_score = SiDAFakeScore(fake_score).train().requires_grad_(True)
+            a = s.sida
+            self.log(f"SiDA: discriminator = fake score's {fake_score.site_description}; lsd {a.lsd}, lsg {a.lsg}, "
+                     f"lsg_gan {a.lsg_gan} from {a.gan_start_kimg:g} kimg, fake-score gradients clipped at "
+                     f"{a.fake_score_grad_clip}")
+        opt_g = torch.optim.Adam(generator_net.parameters(), **self._adam("generator"))
+        opt_f = torch.optim.Adam(fake_score.parameters(), **self._adam("fake_score"))
         self.generator_net, self.fake_score, self.opt_g, self.opt_f = accelerator.prepare(
             generator_net, fake_score, opt_g, opt_f)
         unwrap = accelerator.unwrap_model
@@ -131,8 +179,36 @@ class SiDLoop(TrainingLoop):
         self.generator = FewStepGenerator(self.generator_net, s.sigma_init, self.steps)
         self.generator_plain = FewStepGenerator(unwrap(self.generator_net), s.sigma_init, self.steps)
         self.fake_score_plain = unwrap(self.fake_score)
-        self.ema = EMA(unwrap(self.generator_net), cfg.ema.halflife_kimg, cfg.ema.rampup)
+        self.fake_denoiser = self.fake_score_plain.denoiser if self.sida else self.fake_score_plain
+        # Schedule: the generator's first update is the first step at or after the warm-up.
+        warmup_nimg = int(round(s.fake_score_warmup_kimg * 1000))
+        self.g_start_nimg = -(-warmup_nimg // cfg.batch_size) * cfg.batch_size
+        if s.fake_score_steps > 1 or self.g_start_nimg > 0:
+            self.log(f"schedule: {s.fake_score_steps} fake-score update(s) per generator update; generator updates "
+                     f"from {self.g_start_nimg / 1000:g} kimg")
+        e = cfg.ema
+        if e.kind == "power":
+            self.ema = PowerEMA(unwrap(self.generator_net), e.sigma_rel)
+            self.log(f"EMA: power function, sigma_rel {', '.join(f'{v:g}' for v in e.sigma_rel)} (gamma "
+                     f"{', '.join(f'{g:.3f}' for g in self.ema.gammas)}); exported: "
+                     f"{'best by ' + cfg.eval.metrics[0] if e.export == 'best' else self.ema.names[int(e.export)]}")
+        else:
+            self.ema = EMA(unwrap(self.generator_net), e.halflife_kimg, e.rampup)
+        self.best_index = 0  # export=best: the average with the lowest first metric at the last evaluation
         self.teacher_ref = {m: teacher_reference(cfg.teacher, m, cfg.eval.num_samples) for m in cfg.eval.metrics}
+
+    def _adam(self, network: str) -> dict:
+        """Adam settings of ``network`` (generator | fake_score): its own lr and betas (sid.betas when null)."""
+        s = self.cfg.sid
+        betas = getattr(s, f"betas_{network}")
+        return {"lr": getattr(s, f"lr_{network}"), "betas": tuple(s.betas if betas is None else betas), "eps": s.eps}
+
+    def export_index(self) -> int:
+        """Which tracked average is exported (and drawn in the grids)."""
+        e = self.cfg.ema
+        if e.kind != "power":
+            return 0
+        return self.best_index if e.export == "best" else int(e.export)
 
     # Random inputs: pure functions of (seed, step, rank, micro-batch, phase).
 
@@ -157,42 +233,99 @@ class SiDLoop(TrainingLoop):
         self.fake_score.requires_grad_(train_fake_score).train(train_fake_score)
         self.generator_net.requires_grad_(not train_fake_score).train(not train_fake_score)
 
-    def _optimizer_step(self, opt, model) -> torch.Tensor:
+    def _optimizer_step(self, opt, model, clip_value: float | None = None) -> torch.Tensor:
         if self.accelerator.scaler is not None:
             self.accelerator.unscale_gradients(opt)
         bad = sanitize_gradients(model.parameters())
+        if clip_value is not None:
+            torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
         opt.step()
         return bad
+
+    def _real_images(self, g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """SiDA: n real images in [-1, 1], drawn uniformly with replacement, and their labels (None when the teacher
+        is unconditional). Only the fake-score phase calls this."""
+        idx = torch.randint(len(self.dataset), (n,), generator=g, device=self.device).cpu()
+        images, labels = self.dataset.get_batch(idx)
+        labels = labels.to(self.device) if self.label_dim > 0 else None
+        return to_model_range(images).to(self.device), labels
 
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, s = self.cfg, self.cfg.sid
         zero = lambda: torch.zeros((), device=self.device)
-        stats = {k: zero() for k in ("loss_fake_score", "loss_generator", "nonfinite_samples")}
+        stats = {k: zero() for k in ("loss_fake_score", "nonfinite_samples")}
+        if self.sida:
+            stats["loss_discriminator"] = zero()
         # Dropout (e.g. in copies of EDM teachers) draws from the global RNG: seed it per step for exact resume.
         torch.manual_seed(rng.derive_seed(cfg.seed, self.step, self.rank, "dropout"))
 
-        # Update fake score: EDM loss on the generator's samples.
+        # Update fake score, fake_score_steps times (fresh inputs each; the first has the phase name of plain SiD).
+        bad = zero()
+        for j in range(s.fake_score_steps):
+            bad += self._fake_score_update("fake_score" if j == 0 else f"fake_score{j}", stats, s.fake_score_steps)
+
+        # Update generator, after the fake-score warm-up; then the EMA.
+        if self.cur_nimg >= self.g_start_nimg:
+            stats["loss_generator"] = zero()
+            if self.sida:
+                stats["loss_gan"] = zero()
+            bad += self._generator_update(stats)
+            self.ema.update(self.accelerator.unwrap_model(self.generator_net), self.cur_nimg - self.g_start_nimg,
+                            cfg.batch_size)
+        stats["nonfinite_grads"] = bad
+        return stats
+
+    def _fake_score_update(self, phase: str, stats: dict, n_updates: int) -> torch.Tensor:
+        """One fake-score step: the EDM loss on G's samples (plus SiDA's discriminator loss on real and generated
+        images). A sample whose image or loss is not finite is masked out (zero image in, zero loss out) and
+        counted in nonfinite_samples."""
+        cfg, s = self.cfg, self.cfg.sid
         self._phase(train_fake_score=True)
         self.opt_f.zero_grad(set_to_none=True)
         for micro in range(cfg.accum_steps):
-            g, z, labels, chain = self._inputs(micro, "fake_score")
+            g, z, labels, chain = self._inputs(micro, phase)
             with torch.no_grad(), self.autocast():
                 x_g = self.generator_plain(z, labels, chain)
-            stats["nonfinite_samples"] += count_nonfinite(x_g)
+            ok = finite_rows(x_g)
+            x_g = torch.where(ok.view(-1, 1, 1, 1), x_g.to(torch.float32), 0.0)
             sigma = (torch.randn(x_g.shape[0], 1, 1, 1, generator=g, device=self.device) * s.P_std + s.P_mean).exp()
             noise = torch.randn(x_g.shape, generator=g, device=self.device)
-            labels_f = labels
+            labels_f, drop = labels, None
             if self.fake_label_dropout > 0 and labels is not None:
                 drop = torch.rand(labels.shape, generator=g, device=self.device) < self.fake_label_dropout
-                labels_f = with_null_class(self.fake_score_plain, labels, drop)
+                labels_f = with_null_class(self.fake_denoiser, labels, drop)
+            if self.sida:  # the only place real images enter
+                x_real, real_labels = self._real_images(g, x_g.shape[0])
+                if drop is not None:
+                    real_labels = with_null_class(self.fake_denoiser, real_labels, drop)
             with self.no_sync_unless_last(self.fake_score, micro), self.autocast():
-                loss = edm_loss(self.fake_score, x_g, labels_f, sigma=sigma, noise=noise, sigma_data=s.sigma_data,
-                                guidance=s.guidance.train_fake)
+                if self.sida:
+                    loss_edm, loss_disc = sida_fake_score_loss(
+                        self.fake_score, x_g, x_real, labels_f, real_labels, sigma=sigma, noise=noise,
+                        sigma_data=s.sigma_data, guidance=s.guidance.train_fake)
+                    loss = loss_edm + s.sida.lsd * loss_disc
+                else:
+                    loss_edm = loss = edm_loss(self.fake_score, x_g, labels_f, sigma=sigma, noise=noise,
+                                               sigma_data=s.sigma_data, guidance=s.guidance.train_fake)
+                keep = ok & torch.isfinite(loss.detach())
+                loss = torch.where(keep, loss, 0.0)
                 self.accelerator.backward(loss.sum() / self.batch_per_process)
-            stats["loss_fake_score"] += loss.detach().float().mean() / cfg.accum_steps
-        bad_f = self._optimizer_step(self.opt_f, self.fake_score)
+            stats["nonfinite_samples"] += (~keep).sum().float()
+            stats["loss_fake_score"] += torch.where(keep, loss_edm.detach().float(), 0.0).mean() / (
+                cfg.accum_steps * n_updates)
+            if self.sida:
+                stats["loss_discriminator"] += torch.where(keep, loss_disc.detach().float(), 0.0).mean() / (
+                    cfg.accum_steps * n_updates)
+        clip = s.sida.fake_score_grad_clip if self.sida else None
+        return self._optimizer_step(self.opt_f, self.fake_score, clip)
 
-        # Update generator: SiD loss through teacher and fake score.
+    def _generator_update(self, stats: dict) -> torch.Tensor:
+        """One generator step: the SiD loss (SiDA: 0.5 lsg loss_sid + 0.5 lsg_gan loss_gan once the GAN term is on).
+        A non-finite generated sample is masked out: the generator runs again with that sample's inputs zeroed, so
+        no NaN enters the backward pass, and its loss is zero; a non-finite loss of a finite sample is zeroed and
+        its gradient stopped at x_g. Both are counted in nonfinite_samples."""
+        cfg, s = self.cfg, self.cfg.sid
+        gan_on = self.sida and self.cur_nimg >= s.sida.gan_start_kimg * 1000
         self._phase(train_fake_score=False)
         self.opt_g.zero_grad(set_to_none=True)
         for micro in range(cfg.accum_steps):
@@ -202,18 +335,33 @@ class SiDLoop(TrainingLoop):
             noise = torch.randn(z.shape, generator=g, device=self.device)
             with self.no_sync_unless_last(self.generator_net, micro), self.autocast():
                 x_g = self.generator(z, labels, chain)
-                loss = generator_loss(self.teacher, self.fake_score_plain, x_g, labels, alpha=s.alpha,
-                                      sigma=sigma, noise=noise, guidance_fake=s.guidance.eval_fake,
-                                      guidance_real=s.guidance.eval_real)
+                ok = finite_rows(x_g)
+                if not bool(ok.all()):
+                    m = ok.view(-1, 1, 1, 1)
+                    z = torch.where(m, z, 0.0)
+                    chain = torch.where(m[None], chain, 0.0) if chain is not None else None
+                    x_g = torch.where(m, self.generator(z, labels, chain).to(torch.float32), 0.0)
+                kw = dict(alpha=s.alpha, sigma=sigma, noise=noise, guidance_fake=s.guidance.eval_fake,
+                          guidance_real=s.guidance.eval_real)
+                if self.sida:
+                    loss_sid, loss_gan = sida_generator_loss(self.teacher, self.fake_score_plain, x_g, labels,
+                                                             logit_clamp=s.sida.logit_clamp, **kw)
+                    loss = 0.5 * s.sida.lsg * loss_sid
+                    if gan_on:
+                        loss = loss + 0.5 * s.sida.lsg_gan * loss_gan
+                else:
+                    loss_sid = loss = generator_loss(self.teacher, self.fake_score_plain, x_g, labels, **kw)
+                keep = ok & torch.isfinite(loss.detach())
+                if not bool(keep.all()) and x_g.requires_grad:
+                    k = keep.view(-1, 1, 1, 1)
+                    x_g.register_hook(lambda grad: torch.where(k, grad, 0.0))
+                loss = torch.where(keep, loss, 0.0)
                 self.accelerator.backward(loss.sum() / self.batch_per_process)
-            stats["nonfinite_samples"] += count_nonfinite(x_g)
-            stats["loss_generator"] += loss.detach().float().mean() / cfg.accum_steps
-        bad_g = self._optimizer_step(self.opt_g, self.generator_net)
-
-        # Update EMA.
-        self.ema.update(self.accelerator.unwrap_model(self.generator_net), self.cur_nimg, cfg.batch_size)
-        stats["nonfinite_grads"] = bad_f + bad_g
-        return stats
+            stats["nonfinite_samples"] += (~keep).sum().float()
+            stats["loss_generator"] += torch.where(keep, loss_sid.detach().float(), 0.0).mean() / cfg.accum_steps
+            if self.sida:
+                stats["loss_gan"] += torch.where(keep, loss_gan.detach().float(), 0.0).mean() / cfg.accum_steps
+        return self._optimizer_step(self.opt_g, self.generator_net)
 
     # State, grids, metrics, export.
 
@@ -230,11 +378,18 @@ class SiDLoop(TrainingLoop):
         self.ema.load_state_dict(state["generator_ema"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_f.load_state_dict(state["opt_f"])
+        # The optimizers' saved hyperparameters yield to this run's config (a changed lr or betas is listed on
+        # resume and must then apply).
+        for opt, network in ((self.opt_g, "generator"), (self.opt_f, "fake_score")):
+            for group in opt.param_groups:
+                group.update(self._adam(network))
 
     @torch.no_grad()
-    def make_images(self, seeds) -> torch.Tensor:
-        """uint8 samples of the EMA generator (K steps) for the given seeds, as sample.py makes them."""
-        generator = FewStepGenerator(self.ema.model, self.cfg.sid.sigma_init, self.steps)
+    def make_images(self, seeds, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """uint8 samples of the exported EMA generator (or of ``model``; K steps) for the given seeds, as sample.py
+        makes them."""
+        model = self.ema.models[self.export_index()] if model is None else model
+        generator = FewStepGenerator(model, self.cfg.sid.sigma_init, self.steps)
         z = seed_latents(seeds, self.shape, self.device)
         chain = seed_step_noise(seeds, self.shape, self.steps, self.device)
         with self.autocast():
@@ -244,19 +399,46 @@ class SiDLoop(TrainingLoop):
         return self.make_images(list(range(self.cfg.grid_seeds)))
 
     def evaluate(self) -> dict[str, float]:
+        """Metrics of the exported average on ``eval.seed_sets`` disjoint seed sets of ``eval.num_samples`` each
+        (set k: seeds k*N..(k+1)*N-1): ``<metric>`` is their mean, ``<metric>_set<k>`` each set's value (when there
+        are several). With ``ema.export=best`` every tracked average is measured (``<metric>_<name>``) and the one
+        with the lowest first metric becomes the exported one (``ema_best``)."""
         from .metrics import compute_metrics
 
         e = self.cfg.eval
         if not e.metrics:
             return {}
-        rows = compute_metrics(self.make_images, list(range(e.num_samples)), e.metrics, accelerator=self.accelerator,
-                               batch_size=e.batch_size, detector_path=e.detector, lenet_path=e.lenet,
-                               ref_path=e.ref, ref_dataset=self.dataset, nfe=self.steps, progress=False,
-                               cache_dir=self.run.path)
-        # Each value with its sample count: a Frechet distance falls as the count grows (fid10k > fid50k).
-        out = {}
-        for r in rows:
-            out.update({r["metric"]: r["value"], f"{r['metric']}_num_samples": r["num_samples"]})
+        best = self.cfg.ema.kind == "power" and self.cfg.ema.export == "best" and len(self.ema.models) > 1
+        candidates = range(len(self.ema.models)) if best else [self.export_index()]
+        N, out, score = e.num_samples, {}, {}
+        for i in candidates:
+            model = self.ema.models[i]
+            values = {m: [] for m in e.metrics}
+            for k in range(e.seed_sets):
+                rows = compute_metrics(lambda seeds, model=model: self.make_images(seeds, model),
+                                       list(range(k * N, (k + 1) * N)), e.metrics, accelerator=self.accelerator,
+                                       batch_size=e.batch_size, detector_path=e.detector, lenet_path=e.lenet,
+                                       ref_path=e.ref, ref_dataset=self.dataset, nfe=self.steps, progress=False,
+                                       cache_dir=self.run.path)
+                for r in rows:
+                    values[r["metric"]].append(r["value"])
+            suffix = f"_{self.ema.names[i]}" if best else ""
+            for m, v in values.items():
+                out[m + suffix] = float(np.mean(v))
+                if e.seed_sets > 1:
+                    out.update({f"{m}{suffix}_set{k}": x for k, x in enumerate(v)})
+            score[i] = out[e.metrics[0] + suffix]
+        if best:
+            self.best_index = min(score, key=score.get)
+            name = self.ema.names[self.best_index]
+            for m in e.metrics:
+                out[m] = out[f"{m}_{name}"]
+                for k in range(e.seed_sets if e.seed_sets > 1 else 0):
+                    out[f"{m}_set{k}"] = out[f"{m}_{name}_set{k}"]
+            out["ema_best"] = name
+        # Each value with its sample count (per seed set): a Frechet distance falls as the count grows.
+        for m in e.metrics:
+            out[f"{m}_num_samples"] = N
         return out
 
     def on_start(self) -> None:
@@ -270,14 +452,19 @@ class SiDLoop(TrainingLoop):
 
         path = os.path.join(self.cfg.run_dir, "generator")
         if self.accelerator.is_main_process:
+            i = self.export_index()
             meta = {"teacher": self.cfg.teacher, "kimg": self.cur_nimg / 1000, "generator_steps": self.steps,
                     "generator_sigmas": generator_sigmas(self.steps, self.cfg.sid.sigma_init),
                     **({"guidance": {k: getattr(self.cfg.sid.guidance, k) for k in ("train_fake", "eval_fake",
                                                                                      "eval_real")}}
-                       if self.guided else {})}
+                       if self.guided else {}),
+                    **({"ema": {"kind": "power", "sigma_rel": self.ema.sigma_rels[i]}}
+                       if self.cfg.ema.kind == "power" else {}),
+                    **({"sida": True} if self.sida else {}),
+                    **({"init_generator": self.cfg.sid.init_generator} if self.cfg.sid.init_generator else {})}
             card = model_card({**meta, "sigma_init": self.cfg.sid.sigma_init}, self._last_metrics(),
                               command=launch_command(), config_yaml=to_yaml(self.cfg))
-            save_generator(self.ema.model, path, self.cfg.sid.sigma_init, meta, card=card)
+            save_generator(self.ema.models[i], path, self.cfg.sid.sigma_init, meta, card=card)
         return path
 
     def _last_metrics(self) -> dict:
@@ -316,14 +503,19 @@ class SiDLoop(TrainingLoop):
     def summary(self, export_path: str) -> list[str]:
         lines = [f"samples: {self.run.samples}", f"generator (EMA, {self.steps} NFE): {export_path}  ->  python "
                  f"sample.py --generator {export_path} --seeds 0-63 --outdir out"]
-        last = {}
+        last, sets = {}, {}
         if os.path.isfile(self.run.stats_file):
             with open(self.run.stats_file) as fh:
                 for ln in fh:
                     try:
-                        last.update({k: v for k, v in json.loads(ln).items() if k in self.cfg.eval.metrics})
-                    except (json.JSONDecodeError, AttributeError):
+                        r = json.loads(ln)
+                        for m in self.cfg.eval.metrics:
+                            if m in r:
+                                last[m] = r[m]
+                                sets[m] = [r[k] for k in sorted(r) if k.startswith(f"{m}_set")]
+                    except (json.JSONDecodeError, AttributeError, TypeError):
                         continue
+        n = self.cfg.eval.num_samples
         for m, v in last.items():
             ref = self.teacher_ref.get(m)
             if self.cfg.eval.teacher_value is not None and len(self.cfg.eval.metrics) == 1:
@@ -332,6 +524,7 @@ class SiDLoop(TrainingLoop):
                 teacher = f"teacher {ref['value']:.3f} ({ref['nfe']} NFE, {ref['num_samples']} samples)"
             else:
                 teacher = "teacher: not measured"
-            lines.append(f"{m}: generator {v:.3f} ({self.steps} NFE, {self.cfg.eval.num_samples} samples)  |  "
-                         f"{teacher}")
+            count = (f"mean of {len(sets[m])} seed sets of {n} samples: " + ", ".join(f"{x:.3f}" for x in sets[m])
+                     if len(sets.get(m, [])) > 1 else f"{n} samples")
+            lines.append(f"{m}: generator {v:.3f} ({self.steps} NFE, {count})  |  {teacher}")
         return lines

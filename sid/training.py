@@ -28,7 +28,8 @@ from .runs import RunDir, list_checkpoints, resolve_resume, save_grid
 REFUSED_KEYS = {
     "sid": ("kind", "teacher", "batch_size", "accum_steps", "sid.alpha", "sid.tmax", "sid.sigma_init",
             "sid.sigma_min", "sid.sigma_max", "sid.rho", "sid.P_mean", "sid.P_std", "sid.sigma_data", "sid.labels",
-            "sid.generator_steps", "sid.guidance."),
+            "sid.generator_steps", "sid.guidance.", "sid.init_generator", "sid.sida.enabled", "sid.sida.lsd",
+            "sid.sida.lsg", "sid.sida.lsg_gan", "sid.sida.logit_clamp", "ema.kind", "ema.sigma_rel"),
     "teacher": ("kind", "network.", "batch_size", "accum_steps", "data.name", "data.resolution",
                 "data.use_labels", "train.P_mean", "train.P_std", "train.sigma_data", "train.label_dropout"),
 }
@@ -319,22 +320,24 @@ class TrainingLoop:
         steps_total = -(-self.total_nimg // self.cfg.batch_size)
         bar = tqdm(total=steps_total * self.cfg.batch_size, initial=self.cur_nimg, unit="img", unit_scale=True,
                    disable=not self.accelerator.is_main_process, dynamic_ncols=True, desc=self.kind)
-        tick_start, tick_nimg, sums = time.time(), self.cur_nimg, {}
+        tick_start, tick_nimg, sums, counts = time.time(), self.cur_nimg, {}, {}
         while self.cur_nimg < self.total_nimg:
             prev = self.cur_nimg
             stats = self.train_step()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float().to(self.device)
+                counts[k] = counts.get(k, 0) + 1
             self.cur_nimg += self.cfg.batch_size
             self.step += 1
             bar.update(self.cur_nimg - prev)
             # Tick: averaged stats, status line.
             if self._crossed(prev, self.cfg.tick_kimg):
-                steps = max((self.cur_nimg - tick_nimg) // self.cfg.batch_size, 1)
+                # Losses: mean over the steps of the tick that reported them (a phase may be skipped, e.g. the
+                # generator's during a fake-score warm-up); nonfinite_* counts: sums.
                 record = {"kimg": self.cur_nimg / 1000, "step": self.step}
                 for k, v in sums.items():
                     v = self.accelerator.reduce(v.to(self.device), "sum" if k.startswith("nonfinite") else "mean")
-                    record[k] = float(v) if k.startswith("nonfinite") else float(v) / steps
+                    record[k] = float(v) if k.startswith("nonfinite") else float(v) / max(counts[k], 1)
                 elapsed = time.time() - tick_start
                 record["sec_per_kimg"] = elapsed / max((self.cur_nimg - tick_nimg) / 1000, 1e-9)
                 if self.cfg.metrics_kimg > 0 and self._crossed(prev, self.cfg.metrics_kimg) or \
@@ -343,7 +346,7 @@ class TrainingLoop:
                 self.log_record(record)
                 self.log(self.status_line(record))
                 self.on_tick(record)
-                tick_start, tick_nimg, sums = time.time(), self.cur_nimg, {}
+                tick_start, tick_nimg, sums, counts = time.time(), self.cur_nimg, {}, {}
             if self._crossed(prev, self.cfg.snapshot_kimg):
                 self._grid()
             if self._crossed(prev, self.cfg.checkpoint_kimg):
