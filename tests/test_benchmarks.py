@@ -154,3 +154,25 @@ def test_bench_teacher_trains_and_measures_candidates_and_a_folder(tmp_path):
     assert [(r["metric"], r["seeds"]) for r in added] == [("fd_lenet", "0-7"), ("fd_lenet", "8-15"),
                                                           ("class_agreement", "0-15")]
     assert added[0]["num_samples"] == 8 and added[0]["nfe"] == 3 and added[2]["num_samples"] == 16
+
+
+def test_bench_backbones_s4_vs_mha_section(tmp_path):
+    """--sections s4_vs_mha alone: S4, the S4 of the earlier commit (same weights, from git) and
+    torch.nn.MultiheadAttention timed interleaved at each length; the ratios are those of the rows' medians."""
+    out = tmp_path / "s4_vs_mha.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_backbones.py"), "--smoke",
+                           "--device", "cpu", "--threads", "1", "--sections", "s4_vs_mha", "--out", str(out)],
+                          cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["config"]["sections"] == ["s4_vs_mha"] and "layers" not in result and "presets" not in result
+    rows = result["s4_vs_mha"]
+    assert [r["L"] for r in rows] == [64, 256] == [r["L"] for r in result["s4_vs_mha_summary"]]
+    for r in rows:
+        t = {k: v["time_ms"] for k, v in r["layers"].items()}
+        assert set(t) == {"S4", "S4_before", "MHA"} and all(v > 0 for v in t.values())
+        assert all(v["repeats"] == len(v["wall_ms_samples"]) >= 2 for v in r["layers"].values())
+        assert r["s4_over_mha"] == pytest.approx(t["S4"] / t["MHA"])
+        assert r["s4_speedup_vs_before"] == pytest.approx(t["S4_before"] / t["S4"])
+    assert "S4/MHA" in proc.stdout
