@@ -1,6 +1,7 @@
-"""Benchmark one full SiD iteration (fake-score phase + generator phase + EMA, DESIGN 4): images/s of the real
-``SiDLoop.train_step`` (OURS) against a plain loop written out inline the way the paper's code does it (PLAIN), the
-time of each part of the iteration, fp32 versus bf16 autocast, optionally torch.compile and a torch.profiler table.
+"""Benchmark one full SiD iteration (fake-score phase + generator phase + EMA; docs/design.md section 4): images/s
+of the real ``SiDLoop.train_step`` (OURS) against a plain loop written out inline the way the paper's code does it
+(PLAIN), the time of each part of the iteration, fp32 versus bf16 autocast, optionally torch.compile and a
+torch.profiler table.
 
     python benchmarks/bench_sid_step.py --quick --profile         # CPU: about 3 minutes next to a training job
     python benchmarks/bench_sid_step.py --device cuda --presets small,cifar10 --batch 64 --compile
@@ -101,7 +102,8 @@ def ours_step(loop):
 
 
 class PlainSiD:
-    """SiD as the paper's code writes it: same roles and hyper-parameters as DESIGN 4, everything inline."""
+    """SiD as the paper's code writes it: same roles and hyper-parameters as docs/design.md section 4, everything
+    inline."""
 
     def __init__(self, teacher: torch.nn.Module, batch: int, device: torch.device, compile: bool = False):
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)

@@ -1,4 +1,5 @@
-"""Feature detectors for Frechet distances (DESIGN 8): NVIDIA's TF-Inception for FID, a small LeNet for ``fd_lenet``.
+"""Feature detectors for Frechet distances (docs/design.md section 8): NVIDIA's TF-Inception for FID, a small LeNet
+for ``fd_lenet``.
 
 Every detector takes uint8 images (N, C, H, W) and returns features (N, D); it normalises, resizes and repeats
 channels inside. Detectors are loaded from local files only: nothing is downloaded unless the user asks for it

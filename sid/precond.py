@@ -2,7 +2,7 @@
 
 Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models", arXiv 2206.00364, Table 1.
 :class:`EDMPrecond` wraps sid's own backbones; the ``*Precond`` classes below it wrap EDM's networks
-(``backbones.edm_unets``) for teachers read from EDM snapshot files (DESIGN 10).
+(``backbones.edm_unets``) for teachers read from EDM snapshot files (docs/design.md section 10).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Teachers from anywhere, adapted to the one boundary ``D(x, sigma, class_labels) -> x0_hat`` (DESIGN 2, 10).
+"""Teachers from anywhere, adapted to the one boundary ``D(x, sigma, class_labels) -> x0_hat``
+(docs/design.md sections 2 and 10).
 
 One module per source:
 

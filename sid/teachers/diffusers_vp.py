@@ -1,4 +1,5 @@
-"""Teachers from diffusers: a ``UNet2DModel`` + DDPM-family scheduler folder as an EDM denoiser (DESIGN 2).
+"""Teachers from diffusers: a ``UNet2DModel`` + DDPM-family scheduler folder as an EDM denoiser
+(docs/design.md section 2).
 
 EDM paper, Table 1, VP column: ``D(x, sigma) = x - sigma * eps_hat(x / sqrt(1 + sigma^2), t(sigma))``.
 """

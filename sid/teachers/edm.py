@@ -1,4 +1,5 @@
-"""Teachers from NVIDIA's EDM (DESIGN 10): snapshot pickles and the safetensors folders converted from them.
+"""Teachers from NVIDIA's EDM (docs/design.md section 10): snapshot pickles and the safetensors folders
+converted from them.
 
 A snapshot's ``ema`` record names a preconditioner (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond) with its
 constructor keywords (``_init_kwargs``: resolution, channels, labels, ``model_type`` and the network's keywords);
