@@ -176,3 +176,43 @@ def test_bench_backbones_s4_vs_mha_section(tmp_path):
         assert r["s4_over_mha"] == pytest.approx(t["S4"] / t["MHA"])
         assert r["s4_speedup_vs_before"] == pytest.approx(t["S4_before"] / t["S4"])
     assert "S4/MHA" in proc.stdout
+
+
+def test_gpu_sh_runs_end_to_end_on_cpu(tmp_path):
+    """benchmarks/gpu.sh --cpu --quick: the prepared GPU run on tiny sizes, through the shell script (dependency
+    check, no install needed here), writing one JSON with every measurement."""
+    out = tmp_path / "gpu.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", SID_WHEELS=str(tmp_path / "no-wheels"))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), "--cpu", "--quick", "--threads", "1",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["config"]["quick"] and result["config"]["device"] == "cpu"
+    assert result["machine"]["peak_bf16_tflops"] is None
+    assert [r["name"] for r in result["sid_steps"]] == ["sid/tiny", "sid/edm_ddpmpp"]
+    for row in [*result["sid_steps"], result["teacher_training"]]:
+        assert row["images_per_s"] == pytest.approx(row["batch"] / (row["time_ms"] / 1e3))
+        assert row["flops_per_step"] > 0 and row["peak_mem_mb"] > 0 and row["mfu"] is None
+    assert result["sid_steps"][1]["teacher_params"] > result["sid_steps"][0]["teacher_params"] > 0
+    assert [r["L"] for r in result["s4_vs_attention"]] == [64, 256]
+    for r in result["s4_vs_attention"]:
+        assert set(r["layers"]) == {"S4", "MHA", "SDPA_flash"} and r["s4_over_mha"] > 0
+    assert "gpu.sh: done" in proc.stdout
+    bad = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), "--cpu", "--bogus"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--bogus" in bad.stderr
+
+
+def test_gpu_sh_refuses_missing_packages_without_wheels(tmp_path):
+    """An interpreter that lacks the run's packages and no wheel directory: one sentence naming them, exit 3, and
+    nothing is installed (pip is never reached)."""
+    bare = "/usr/bin/python3"
+    probe = subprocess.run([bare, "-c", "import torch"], capture_output=True) if os.path.exists(bare) else None
+    if probe is None or probe.returncode == 0:
+        pytest.skip("needs a python3 without torch at /usr/bin/python3")
+    env = {k: v for k, v in os.environ.items() if k != "SID_WHEELS"}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), "--cpu", "--quick", "--out",
+                           str(tmp_path / "x.json")], cwd=ROOT, env=dict(env, PYTHON=bare), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 3 and "lacks" in proc.stderr and "torch" in proc.stderr and "--wheels" in proc.stderr
+    assert not (tmp_path / "x.json").exists()

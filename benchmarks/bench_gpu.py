@@ -1,0 +1,205 @@
+"""GPU measurements in one run, prepared so a lent GPU's few minutes are spent measuring (benchmarks/gpu.sh runs
+it): images/s and peak memory of a SiD step (bf16) on the cifar10 preset and on an EDM DDPM++-sized teacher, MFU of
+those steps against the GPU's dense bf16 peak, S4 vs MHA vs SDPA-flash at L = 256, 1024, 4096, and teacher
+training images/s.
+
+    python benchmarks/bench_gpu.py --device cuda --out benchmarks/results/gpu.json
+    python benchmarks/bench_gpu.py --device cpu --quick            # tiny sizes, end to end on a CPU
+
+SiD step: the real ``SiDLoop.train_step`` (benchmarks/bench_sid_step.py's ``build_ours`` / ``ours_step``) on a
+random teacher folder: ``common.random_denoiser`` of the preset, or an EDM network folder (``sid.teachers.edm``)
+holding a SongUNet with EDM's CIFAR-10 DDPM++ settings (model_channels 128, channel_mult [2, 2, 2], 4 blocks,
+attention at 16x16; augment_dim 0). FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one whole step
+(matmuls, convolutions, SDPA; S4 FFTs and elementwise work are not counted, so MFU is a lower bound for S4
+networks). MFU = FLOPs per step x steps per s / peak. Peak memory: ``torch.cuda.max_memory_allocated`` over the
+timed steps (CPU: the process's maximum resident set size, which includes everything loaded). Teacher training: the
+real ``TeacherLoop.train_step`` on an ``.npz`` of random images written to a temporary folder (data loading is
+in-memory and not what is measured). Times: medians of repeats after warmup (common.measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_backbones import s4_vs_attention  # noqa: E402
+from benchmarks.bench_sid_step import build_ours, check_autocast, ours_step, save_teacher  # noqa: E402
+from benchmarks.common import IMAGES, load_average, machine_info, machine_line, measure, summary, write_json  # noqa: E402
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s; matched by substring of
+# torch.cuda.get_device_name, most specific first. --peak-tflops overrides.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.4), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.0),
+                    ("L4", 121.0), ("A10G", 125.0))
+
+# EDM's CIFAR-10 DDPM++ (Karras et al. 2022, Appendix F) and a tiny stand-in for --quick.
+DDPMPP = dict(model_type="SongUNet", model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16],
+              dropout=0.13, embedding_type="positional", encoder_type="standard", decoder_type="standard",
+              resample_filter=[1, 1], channel_mult_noise=1, augment_dim=0)
+DDPMPP_TINY = dict(DDPMPP, model_channels=16, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[8])
+
+
+def peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    if override:
+        return override, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "no bf16 peak for a CPU: MFU not computed"
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops, f"datasheet dense bf16 of {key}"
+    return None, f"{name} is not in PEAK_BF16_TFLOPS: pass --peak-tflops"
+
+
+def edm_teacher(folder: str, tiny: bool, label_dim: int = 10) -> int:
+    """A random EDMPrecond(SongUNet) folder with DDPM++ settings; returns its parameter count."""
+    from sid.teachers.edm import build_denoiser, save_folder
+
+    torch.manual_seed(0)
+    res = 16 if tiny else 32
+    net = build_denoiser("EDMPrecond", dict(img_resolution=res, img_channels=3, label_dim=label_dim,
+                                            **(DDPMPP_TINY if tiny else DDPMPP)))
+    save_folder(net, folder)
+    return sum(p.numel() for p in net.parameters())
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
+def time_loop_step(name: str, step, batch: int, device: torch.device, args, peak: float | None) -> dict:
+    """Warm up, count the FLOPs of one step (also a warm-up step), then time ``args.repeats`` steps (peak memory
+    over those)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    row = summary(measure({name: step}, device, warmup=0, repeats=args.repeats, budget_s=args.budget_s)[name])
+    steps_per_s = 1e3 / row["time_ms"]
+    row.update(name=name, batch=batch, images_per_s=batch * steps_per_s, peak_mem_mb=peak_memory_mb(device),
+               flops_per_step=flops, achieved_tflops=flops * steps_per_s / 1e12,
+               mfu=flops * steps_per_s / (peak * 1e12) if peak else None,
+               seconds_incl_warmup=time.perf_counter() - t0)
+    mfu = f"{100 * row['mfu']:.1f} %" if row["mfu"] is not None else "n/a"
+    print(f"  {name:<28} batch {batch:<4d} {row['time_ms']:9.1f} ms/step  {row['images_per_s']:9.1f} img/s  "
+          f"peak {row['peak_mem_mb']:9.1f} MB  {flops / 1e9:9.2f} GFLOP/step  MFU {mfu}  "
+          f"[{row['repeats']} repeats]", flush=True)
+    return row
+
+
+def sid_steps(args, device: torch.device, tmp: str, peak: float | None) -> list[dict]:
+    rows = []
+    teachers = {f"sid/{args.preset}": str(Path(tmp) / "teacher-preset"),
+                "sid/edm_ddpmpp": str(Path(tmp) / "teacher-edm")}
+    save_teacher(args.preset, teachers[f"sid/{args.preset}"])
+    params_edm = edm_teacher(teachers["sid/edm_ddpmpp"], tiny=args.quick)
+    for name, folder in teachers.items():
+        loop = build_ours(folder, str(Path(tmp) / f"run-{name.replace('/', '-')}"), args.batch, "bf16", device)
+        check_autocast(loop, "bf16")
+        row = time_loop_step(name, ours_step(loop), args.batch, device, args, peak)
+        row["teacher_params"] = sum(p.numel() for p in loop.teacher.parameters())
+        if name == "sid/edm_ddpmpp":
+            assert row["teacher_params"] == params_edm
+        rows.append(row)
+        del loop
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def teacher_training(args, device: torch.device, tmp: str, peak: float | None) -> dict:
+    from accelerate.state import AcceleratorState
+
+    from sid.config import load_config
+    from sid.train_teacher import TeacherLoop
+    from sid.training import make_accelerator
+
+    res, channels, label_dim = IMAGES[args.preset]
+    rng = np.random.default_rng(0)
+    data = str(Path(tmp) / "images.npz")
+    n = max(8 * args.batch, 64)
+    np.savez(data, images=rng.integers(0, 256, (n, res, res, channels), dtype=np.uint8),
+             labels=rng.integers(0, label_dim, n))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg = load_config(None, ["kind=teacher", "data.name=npz", f"data.path={data}", f"network.preset={args.preset}",
+                             f"batch_size={args.batch}", "mixed_precision=bf16", f"cpu={device.type == 'cpu'}",
+                             f"run_dir={Path(tmp) / 'run-teacher'}", "eval.metrics=[]"])
+    loop = TeacherLoop(cfg, make_accelerator(cfg))
+    row = time_loop_step(f"teacher/{args.preset}", ours_step(loop), args.batch, device, args, peak)
+    del loop
+    gc.collect()
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="tiny networks, batch 2, L 64/256 (a CPU smoke run)")
+    p.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=None, help="dense bf16 peak for MFU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default="benchmarks/results/gpu.json")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device (use --device cpu)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.preset, args.batch, args.warmup, args.repeats, args.budget_s = "tiny", 2, 0, 2, 5.0  # + 1 counted
+        attn = dict(lengths=[64, 256], d_model=32, d_state=8, n_heads=2, batch=1, warmup=0, repeats=2, budget_s=2.0)
+    else:
+        args.preset, args.batch, args.warmup, args.repeats, args.budget_s = "cifar10", 64, 3, 10, 30.0
+        attn = dict(lengths=[256, 1024, 4096], d_model=128, d_state=64, n_heads=4, batch=2, warmup=2, repeats=10,
+                    budget_s=20.0)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    peak, peak_source = peak_tflops(device, args.peak_tflops)
+    info = dict(machine_info(device), peak_bf16_tflops=peak, peak_source=peak_source)
+    print(f"{machine_line(info)} | bf16 peak {peak} TFLOP/s ({peak_source})", flush=True)
+    t0 = time.perf_counter()
+    result = dict(machine=info)
+    with tempfile.TemporaryDirectory(prefix="bench_gpu-") as tmp:
+        print(f"\nSiD step (bf16, batch {args.batch}):", flush=True)
+        result["sid_steps"] = sid_steps(args, device, tmp, peak)
+        print(f"\nS4 vs torch.nn.MultiheadAttention vs SDPA-flash (bf16 autocast, fwd+bwd, "
+              f"d_model {attn['d_model']}, batch {attn['batch']}):", flush=True)
+        try:
+            result["s4_vs_attention"] = s4_vs_attention(device, dtype="bf16", flash=True, before_ref=None, **attn)
+        except RuntimeError as e:  # no flash kernel for these inputs: keep S4 vs MHA, say why
+            result["flash_error"] = str(e).splitlines()[0]
+            print(f"  SDPA-flash failed ({result['flash_error']}); S4 vs MHA only", flush=True)
+            result["s4_vs_attention"] = s4_vs_attention(device, dtype="bf16", flash=False, before_ref=None, **attn)
+        print(f"\nTeacher training (bf16, batch {args.batch}):", flush=True)
+        result["teacher_training"] = teacher_training(args, device, tmp, peak)
+    info["loadavg_end"] = load_average()
+    result["config"] = dict(device=args.device, quick=args.quick, preset=args.preset, batch=args.batch,
+                            warmup=args.warmup, repeats=args.repeats, attention=attn, ddpmpp=DDPMPP_TINY if args.quick
+                            else DDPMPP)
+    result["seconds"] = time.perf_counter() - t0
+    out = write_json(args.out, result)
+    print(f"\n{result['seconds']:.0f} s; wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One prepared measurement run for a lent GPU (issue 16), well under 8 minutes: installs what the machine lacks from
+# carried wheels (never from the internet), then runs benchmarks/bench_gpu.py, which writes one JSON file: SiD step
+# images/s, peak memory and MFU (bf16, batch 64; cifar10 preset and an EDM DDPM++ teacher), S4 vs MHA vs SDPA-flash
+# at L = 256, 1024, 4096, and teacher training images/s.
+#
+#   bash benchmarks/gpu.sh --wheels /path/to/wheels            # on the GPU machine
+#   SID_WHEELS=/path/to/wheels bash benchmarks/gpu.sh --out gpu.json
+#   bash benchmarks/gpu.sh --cpu --quick                        # tiny sizes end to end on a CPU (about a minute)
+#
+# Options: --wheels DIR (or $SID_WHEELS): a directory of .whl files for pip --no-index; --out FILE (default
+# benchmarks/results/gpu.json); --cpu; --quick; --peak-tflops T (dense bf16 peak when the GPU is not in
+# bench_gpu.PEAK_BF16_TFLOPS); --threads N (torch CPU threads). $PYTHON picks the interpreter (default .venv/bin/python
+# when present, else python3); $SID_GPU_LIMIT_S bounds the measurement (default 450 s).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+device=cuda
+out=benchmarks/results/gpu.json
+wheels=${SID_WHEELS:-}
+args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --cpu) device=cpu ;;
+        --quick) args+=(--quick) ;;
+        --wheels) wheels=${2:?--wheels needs a directory}; shift ;;
+        --out) out=${2:?--out needs a file}; shift ;;
+        --peak-tflops) args+=(--peak-tflops "${2:?--peak-tflops needs a number}"); shift ;;
+        --threads) args+=(--threads "${2:?--threads needs a number}"); shift ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        *) echo "gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+py=${PYTHON:-}
+if [ -z "$py" ]; then
+    if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+
+# What the run imports (module:distribution), looked up in one interpreter start (no imports); install only what is
+# missing, only from the wheel directory.
+need="torch:torch numpy:numpy accelerate:accelerate diffusers:diffusers omegaconf:omegaconf safetensors:safetensors
+      scipy:scipy PIL:pillow tqdm:tqdm"
+found=$("$py" -c "
+import importlib.util, sys
+print(' '.join(p.split(':')[1] for p in sys.argv[1:] if importlib.util.find_spec(p.split(':')[0]) is None))
+" $need) || { echo "gpu.sh: cannot run $py" >&2; exit 3; }
+read -r -a missing <<< "$found"
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ -z "$wheels" ] || [ ! -d "$wheels" ]; then
+        echo "gpu.sh: $py lacks ${missing[*]}; pass a directory of wheels with --wheels DIR or SID_WHEELS" >&2
+        exit 3
+    fi
+    echo "gpu.sh: installing ${missing[*]} from $wheels (no index)"
+    "$py" -m pip install --no-index --find-links "$wheels" "${missing[@]}"
+fi
+
+if [ "$device" = cuda ]; then
+    if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "gpu.sh: torch sees no CUDA device (pass --cpu to run on the CPU)" >&2
+        exit 4
+    fi
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+fi
+
+start=$(date +%s)
+timeout "${SID_GPU_LIMIT_S:-450}" "$py" benchmarks/bench_gpu.py --device "$device" "${args[@]}" --out "$out"
+echo "gpu.sh: done in $(( $(date +%s) - start )) s; results in $out"
