@@ -128,7 +128,8 @@ def sample_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--outdir", required=True, help="output folder")
     parser.add_argument("--batch", type=int, default=100, help="images per batch and process (default 100)")
     parser.add_argument("--npz", action="store_true", help="also write all images to OUTDIR/images.npz")
-    parser.add_argument("--metrics", default="", help="comma-separated: fd_lenet, fid")
+    parser.add_argument("--metrics", default="", help="comma-separated: fd_lenet, fid, is (Inception Score), "
+                        "is_lenet (the same score from the LeNet's classes)")
     parser.add_argument("--trials", type=int, default=1, metavar="T", help="measure the metrics on T disjoint seed "
                         "sets of the size of --seeds (trial t adds t * (max seed + 1)) and report mean, std, minimum")
     parser.add_argument("--ref", help="reference statistics .npz (mu, sigma); fid needs one")

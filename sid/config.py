@@ -116,7 +116,7 @@ class EMAConfig:
 
 @dataclass
 class EvalConfig:
-    metrics: list[str] = field(default_factory=lambda: ["fd_lenet"])  # fd_lenet | fid
+    metrics: list[str] = field(default_factory=lambda: ["fd_lenet"])  # fd_lenet | fid | is | is_lenet
     num_samples: int = 2000  # samples per evaluation during training (per seed set)
     seed_sets: int = 1  # disjoint seed sets per evaluation (set k: seeds k*N..(k+1)*N-1); value = their mean
     batch_size: int = 250  # per-process evaluation batch
@@ -156,7 +156,7 @@ class Config:
 RUN_KINDS = ("teacher", "sid")
 DATASETS = ("mnist5k", "digits", "folder", "zip", "npz", "cifar10", "none")
 MIXED_PRECISION = ("fp32", "bf16", "fp16")
-METRICS = ("fd_lenet", "fid")
+METRICS = ("fd_lenet", "fid", "is", "is_lenet")
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # name -> the package it needs
 
 # ----------------------------------------------------------------------------

@@ -191,6 +191,10 @@ class Detector:
     def logits(self, images: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, K) for the Inception Score."""
+        raise UserError(f"the {self.name} detector has no classifier output for an Inception Score")
+
     def check_shape(self, channels: int, resolution: int) -> None:
         """Raise UserError when images of this shape cannot be measured (checked before any work is done)."""
 
@@ -232,6 +236,10 @@ class LeNetDetector(Detector):
     def logits(self, images):
         return self.net(self._check(images))
 
+    @torch.no_grad()
+    def probabilities(self, images):
+        return torch.softmax(self.logits(images).double(), dim=1)
+
 
 class InceptionDetector(Detector):
     """FID detector: NVIDIA's TF-Inception TorchScript file; 2048-d pool features; resizes internally."""
@@ -270,6 +278,20 @@ class InceptionDetector(Detector):
         if images.shape[1] == 1:
             images = images.repeat(1, 3, 1, 1)
         return self.model(images, return_features=True).to(torch.float32)
+
+    @torch.no_grad()
+    def probabilities(self, images):
+        """1008 softmax outputs without the output bias, as the original Inception Score code computes them."""
+        images = self._check(images)
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        try:
+            probs = self.model(images, no_output_bias=True)
+        except Exception as e:
+            raise UserError(f"FID detector file '{self.path}' does not accept detector(images_uint8, "
+                            f"no_output_bias=True) ({type(e).__name__}), which the Inception Score needs; expected "
+                            f"{INCEPTION_FILE}") from e
+        return probs.to(torch.float64)
 
 
 def load_detector(name: str, path: str | None = None, device: torch.device | str = "cpu") -> Detector:

@@ -42,10 +42,14 @@ from .detectors import (
     load_detector,
 )
 
-METRIC_DETECTORS = {"fd_lenet": "lenet", "fid": "inception"}  # metric name -> detector kind
-# Sample counts of the published figures: FID over 50,000 samples (EDM, SiD), fd_lenet over 2,000 (this project's
-# README). Fewer samples give a higher and noisier value; such values are not comparable with those figures.
-FULL_SAMPLE_COUNTS = {"fd_lenet": 2000, "fid": 50000}
+# Metric name -> detector kind. "is" is the Inception Score (Salimans et al. 2016) from the FID detector file's
+# classifier output; "is_lenet" the same score from the fd_lenet detector's 10-class output.
+METRIC_DETECTORS = {"fd_lenet": "lenet", "fid": "inception", "is": "inception", "is_lenet": "lenet"}
+SCORE_METRICS = ("is", "is_lenet")  # scores of the samples alone: no reference statistics
+IS_SPLITS = 10  # the Inception Score is the mean (and std) over this many disjoint splits of the samples
+# Sample counts of the published figures: FID and IS over 50,000 samples (EDM, SiD), fd_lenet over 2,000 (this
+# project's README). Fewer samples give a higher and noisier FD; such values are not comparable with those figures.
+FULL_SAMPLE_COUNTS = {"fd_lenet": 2000, "fid": 50000, "is": 50000, "is_lenet": 2000}
 _warned: set[tuple[str, int]] = set()
 
 
@@ -60,8 +64,9 @@ def small_sample_warning(metric: str, num_samples: int, feature_dim: int | None 
     full = FULL_SAMPLE_COUNTS.get(metric)
     if full is None or num_samples >= full:
         return None
-    return (f"warning: {metric} over {num_samples:,} samples reads higher and noisier than over {full:,}, the count "
-            f"of the reference figures; compare it only with values over {num_samples:,} samples")
+    how = "is noisier" if metric in SCORE_METRICS else "reads higher and noisier"
+    return (f"warning: {metric} over {num_samples:,} samples {how} than over {full:,}, the count of the reference "
+            f"figures; compare it only with values over {num_samples:,} samples")
 
 
 def _warn_small_sample(metric: str, num_samples: int, accelerator: Any, feature_dim: int | None = None) -> None:
@@ -129,6 +134,61 @@ class FeatureStats:
         mu = self.sum / self.num
         sigma = (self.sum_outer - self.num * torch.outer(mu, mu)) / (self.num - 1)
         return sigma.cpu().numpy()
+
+
+
+class ScoreStats:
+    """Per-split running sums for the Inception Score: for split s, n_s, sum_i p_i (K,) and sum_i sum_k p_ik log p_ik.
+
+    Then KL_s = mean_i sum_k p_ik log p_ik - sum_k pbar_k log pbar_k with pbar = mean_i p_i, and IS_s = exp(KL_s):
+    exactly the mean over the split of KL(p_i || pbar). Split s holds the samples at positions floor(s n / splits) to
+    floor((s + 1) n / splits) - 1 of the seed list (:func:`score_split`), as in the original code, on any number of
+    processes.
+    """
+
+    def __init__(self, num_classes: int, splits: int = IS_SPLITS, device: torch.device | str = "cpu"):
+        self.splits = splits
+        self.sums = torch.zeros(splits, num_classes + 2, dtype=torch.float64, device=device)  # [n, plogp, p (K)]
+
+    def update(self, probs: torch.Tensor, split: torch.Tensor) -> ScoreStats:
+        """probs (N, K) rows summing to 1; split (N,) integer split of each row."""
+        p = probs.to(self.sums.device, torch.float64)
+        plogp = torch.special.xlogy(p, p).sum(1)                                   # 0 log 0 = 0
+        rows = torch.cat([torch.ones_like(plogp)[:, None], plogp[:, None], p], dim=1)
+        self.sums.index_add_(0, split.to(self.sums.device, torch.long), rows)
+        return self
+
+    def reduce(self, accelerator: Any = None) -> ScoreStats:
+        if accelerator is not None and accelerator.num_processes > 1:
+            self.sums = accelerator.reduce(self.sums.to(accelerator.device), "sum").to(self.sums.device)
+        return self
+
+    @property
+    def num(self) -> int:
+        return int(round(self.sums[:, 0].sum().item()))
+
+    def score(self) -> tuple[float, float]:
+        """(mean, std) of exp(KL) over the non-empty splits (std with ddof 0, like numpy's default)."""
+        n, plogp, psum = self.sums[:, 0], self.sums[:, 1], self.sums[:, 2:]
+        keep = n > 0
+        n, plogp, pbar = n[keep], plogp[keep], psum[keep] / n[keep, None]
+        kl = plogp / n - torch.special.xlogy(pbar, pbar).sum(1)
+        scores = kl.exp().cpu().numpy()
+        return float(scores.mean()), float(scores.std())
+
+
+def inception_score(probs: np.ndarray | torch.Tensor, splits: int = IS_SPLITS) -> tuple[float, float]:
+    """Inception Score (mean, std) of class probabilities (N, K) in their order, over ``splits`` contiguous splits."""
+    p = torch.as_tensor(np.asarray(probs), dtype=torch.float64)
+    n = p.shape[0]
+    if p.ndim != 2 or n < splits:
+        raise ValueError(f"expected probabilities (N, K) with N >= {splits}, got shape {tuple(p.shape)}")
+    return ScoreStats(p.shape[1], splits).update(p, score_split(torch.arange(n), n, splits)).score()
+
+
+def score_split(position: torch.Tensor, n: int, splits: int = IS_SPLITS) -> torch.Tensor:
+    """Split of each sample position in [0, n): s with floor(s n / splits) <= position < floor((s + 1) n / splits)."""
+    return torch.div((position + 1) * splits + n - 1, n, rounding_mode="floor") - 1
 
 # ----------------------------------------------------------------------------
 # Frechet distance between two Gaussians.
@@ -306,13 +366,13 @@ def check_metrics(metrics: Sequence[str], shape: tuple[int, int, int], *, detect
     for m in metrics:
         if m not in METRIC_DETECTORS:
             raise UserError(f"metric {m!r} is not known, expected names from {', '.join(METRIC_DETECTORS)}")
-        path = paths[METRIC_DETECTORS[m]] or (DEFAULT_INCEPTION_PATH if m == "fid" else None)
-        if training and m == "fid" and not os.path.isfile(path):
+        path = paths[METRIC_DETECTORS[m]] or (DEFAULT_INCEPTION_PATH if METRIC_DETECTORS[m] == "inception" else None)
+        if training and METRIC_DETECTORS[m] == "inception" and not os.path.isfile(path):
             raise UserError(f"FID detector file '{path}' does not exist: download {INCEPTION_FILE} from "
                             f"{INCEPTION_URL} and pass eval.detector=PATH, or train without metrics with "
                             "'eval.metrics=[]'")
         load_detector(METRIC_DETECTORS[m], paths[METRIC_DETECTORS[m]]).check_shape(shape[0], shape[1])
-        if ref_path is None and not has_ref_dataset:
+        if m not in SCORE_METRICS and ref_path is None and not has_ref_dataset:
             raise UserError(f"metric '{m}' needs reference statistics: pass a reference .npz (--ref / eval.ref) or a "
                             "dataset to compute them from")
 
@@ -328,12 +388,13 @@ def compute_metrics(make_images: Callable[[list[int]], torch.Tensor], seeds: Seq
     one seed more or less.
     seeds: list[int] (all processes pass the same list; split between processes here in balanced batches;
     features reduced across processes). Every sample is counted; nothing is dropped.
-    metrics: names among "fd_lenet" (detector at ``lenet_path``) and "fid" (Inception TorchScript at
-    ``detector_path``). Inception Score is not implemented.
+    metrics: names among "fd_lenet" (detector at ``lenet_path``), "fid" (Inception TorchScript at ``detector_path``),
+    "is" (Inception Score from the same TorchScript file) and "is_lenet" (the same score from the LeNet's classes).
     Reference statistics: ``ref_path`` (.npz) for every metric whose detector has its feature dimension; otherwise
     computed from ``ref_dataset`` (a sid dataset) with the same detector (and cached as .npz in ``cache_dir`` when
     given); neither -> UserError saying a reference .npz is needed.
-    Returns one dict per metric: {"metric": name, "value": float, "num_samples": int, "nfe": nfe}.
+    Returns one dict per metric: {"metric": name, "value": float, "num_samples": int, "nfe": nfe}; the scores add
+    "std" (over their splits) and "splits".
     """
     metrics = list(metrics)
     for m in metrics:
@@ -349,11 +410,20 @@ def compute_metrics(make_images: Callable[[list[int]], torch.Tensor], seeds: Seq
     paths = {"lenet": lenet_path, "inception": detector_path}
     detectors = {m: load_detector(METRIC_DETECTORS[m], paths[METRIC_DETECTORS[m]], device) for m in metrics}
     ref = load_ref(ref_path) if ref_path is not None else None
+    fds = [m for m in metrics if m not in SCORE_METRICS]
+    scores = [m for m in metrics if m in SCORE_METRICS]
     refs = {m: _reference(m, detectors[m], ref, ref_path, ref_dataset, accelerator, batch_size, cache_dir, progress)
-            for m in metrics}
+            for m in fds}
+    if len(seeds) < IS_SPLITS and scores:
+        raise UserError(f"the Inception Score needs at least {IS_SPLITS} samples (one per split), got {len(seeds)}")
+    position = {s: i for i, s in enumerate(seeds)}
+    n_seeds = len(seeds)
 
-    # Features of generated images, streamed per process, then reduced.
-    stats = {m: FeatureStats(detectors[m].feature_dim, device) for m in metrics}
+    # Features (and class probabilities) of generated images, streamed per process, then reduced.
+    stats = {m: FeatureStats(detectors[m].feature_dim, device) for m in fds}
+    for m in scores:
+        probe = detectors[m].probabilities(torch.zeros(1, *_probe_shape(detectors[m]), dtype=torch.uint8))
+        stats[m] = ScoreStats(probe.shape[1], IS_SPLITS, device)
     batches = _seed_batches(seeds, batch_size, rank, world)
     desc = ",".join(metrics) + (f" (rank 0 of {world})" if world > 1 else "")
     with _progress(sum(len(b) for b in batches), desc, progress and _is_main(accelerator)) as bar:
@@ -364,16 +434,31 @@ def compute_metrics(make_images: Callable[[list[int]], torch.Tensor], seeds: Seq
             if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.shape[0] != len(batch):
                 raise ValueError(f"make_images must return a uint8 tensor ({len(batch)}, C, H, W), got "
                                  f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
-            for m in metrics:
+            for m in fds:
                 stats[m].update(detectors[m](images))
+            if scores:
+                split = score_split(torch.tensor([position[s] for s in batch]), n_seeds)
+                for m in scores:
+                    stats[m].update(detectors[m].probabilities(images), split)
             bar.update(len(batch))
     results = []
     for m in metrics:
         s = stats[m].reduce(accelerator)
+        if m in SCORE_METRICS:
+            mean, std = s.score()
+            _warn_small_sample(m, s.num, accelerator)
+            results.append({"metric": m, "value": mean, "std": std, "splits": IS_SPLITS, "num_samples": s.num,
+                            "nfe": nfe})
+            continue
         value = frechet_distance(s.mean(), s.cov(), *refs[m])
         _warn_small_sample(m, s.num, accelerator, detectors[m].feature_dim)
         results.append({"metric": m, "value": value, "num_samples": s.num, "nfe": nfe})
     return results
+
+
+def _probe_shape(detector: Detector) -> tuple[int, int, int]:
+    """An image shape the detector accepts, for a one-image probe of its class count."""
+    return (1, 32, 32) if detector.name == "lenet" else (3, 32, 32)
 
 # ----------------------------------------------------------------------------
 # Outputs: metrics.jsonl and the FD-vs-kimg plot.

@@ -90,7 +90,8 @@ def sample(args: Namespace) -> list[dict]:
         from .detectors import DEFAULT_INCEPTION_PATH, download_inception
         from .metrics import check_metrics
 
-        if "fid" in metrics and args.download_detector and not os.path.isfile(args.detector or DEFAULT_INCEPTION_PATH):
+        wants_inception = "fid" in metrics or "is" in metrics
+        if wants_inception and args.download_detector and not os.path.isfile(args.detector or DEFAULT_INCEPTION_PATH):
             args.detector = download_inception(args.detector)
         check_metrics(metrics, shape, detector_path=args.detector, lenet_path=args.lenet, ref_path=args.ref,
                       has_ref_dataset=True)
@@ -162,6 +163,7 @@ def sample(args: Namespace) -> list[dict]:
                     print(f"{r['metric']} over {trials} trials of {r['num_samples']} samples: mean {r['mean']:.4f} "
                           f"std {r['std']:.4f} min {r['min']:.4f} ({r['nfe']} NFE)")
                 else:
-                    print(f"{r['metric']}: {r['value']:.4f} ({r['num_samples']} samples, {r['nfe']} NFE"
+                    spread = f" +- {r['std']:.4f} over {r['splits']} splits" if "splits" in r else ""
+                    print(f"{r['metric']}: {r['value']:.4f}{spread} ({r['num_samples']} samples, {r['nfe']} NFE"
                           + (f", trial {r['trial']}" if "trial" in r else "") + ")")
     return rows

@@ -24,6 +24,7 @@ from sid.metrics import (
     compute_metrics,
     dataset_stats,
     frechet_distance,
+    inception_score,
     load_ref,
     plot_fd_vs_kimg,
     save_ref,
@@ -122,12 +123,14 @@ class StandInDetector(nn.Module):
         self.conv = nn.Conv2d(3, 16, 3, padding=1)
         self.fc = nn.Linear(16, 10)
 
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_features: bool = False, no_output_bias: bool = False) -> torch.Tensor:
         assert x.dtype == torch.uint8 and x.shape[1] == 3
         x = nn.functional.interpolate(x.to(torch.float32) / 127.5 - 1, size=(24, 24), mode="bilinear")
         features = torch.tanh(self.conv(x)).mean(dim=(2, 3)) * 10  # (N, 16)
         if return_features:
             return features
+        if no_output_bias:
+            return (features @ self.fc.weight.T).softmax(1)
         return self.fc(features).softmax(1)
 
 
@@ -166,7 +169,7 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
     x = np.random.default_rng(0).standard_normal((101, 6))
     part = x[:30] if acc.process_index == 0 else x[30:]   # uneven split
     stats = FeatureStats(6).update(part).reduce(acc)
-    results = compute_metrics(make_images, list(range(11)), ["fid"], accelerator=acc, batch_size=3,
+    results = compute_metrics(make_images, list(range(11)), ["fid", "is"], accelerator=acc, batch_size=3,
                               detector_path={det!r}, ref_path={ref!r}, nfe=1, progress=False)
     if acc.is_main_process:
         json.dump({{"num": stats.num, "mean": stats.mean().tolist(), "cov": stats.cov().tolist(),
@@ -195,10 +198,61 @@ def test_two_process_reduction_equals_one(tmp_path):
     np.testing.assert_allclose(got["mean"], x.mean(0), rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(got["cov"], np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
     # compute_metrics over 2 processes (11 seeds, batches of 3: uneven) equals 1 process.
-    one = compute_metrics(make_images, list(range(11)), ["fid"], batch_size=3, detector_path=det, ref_path=ref,
+    one = compute_metrics(make_images, list(range(11)), ["fid", "is"], batch_size=3, detector_path=det, ref_path=ref,
                           nfe=1, progress=False)
     assert got["results"][0]["num_samples"] == 11 == one[0]["num_samples"]
     assert got["results"][0]["value"] == pytest.approx(one[0]["value"], rel=1e-6)
+    # The Inception Score's splits follow the seed list, not the processes: the same score and std.
+    assert got["results"][1]["metric"] == "is" and got["results"][1]["num_samples"] == 11
+    assert got["results"][1]["value"] == pytest.approx(one[1]["value"], rel=1e-9)
+    assert got["results"][1]["std"] == pytest.approx(one[1]["std"], rel=1e-9, abs=1e-12)
+
+# ----------------------------------------------------------------------------
+# Inception Score.
+
+
+def inception_score_reference(p, splits):
+    """The original code's loop (Salimans et al.): per contiguous split, exp(mean_i KL(p_i || mean p))."""
+    scores, n = [], len(p)
+    for i in range(splits):
+        part = p[i * n // splits:(i + 1) * n // splits]
+        py = part.mean(0, keepdims=True)
+        scores.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(py)), axis=1))))
+    return np.mean(scores), np.std(scores)
+
+
+def test_inception_score_closed_forms_and_reference():
+    k = 7
+    one_hot = np.eye(k)[np.arange(70) % k] * (1 - 1e-12) + 1e-12 / k  # confident and balanced: IS = K
+    mean, std = inception_score(one_hot, splits=10)
+    assert mean == pytest.approx(k, rel=1e-6) and std < 1e-6
+    same = np.tile(np.random.default_rng(0).dirichlet(np.ones(k)), (50, 1))  # every sample alike: IS = 1
+    assert inception_score(same, splits=5)[0] == pytest.approx(1.0, abs=1e-12)
+    p = np.random.default_rng(1).dirichlet(np.full(k, 0.3), size=103)  # uneven splits of 10 or 11
+    ref = inception_score_reference(p, 10)
+    got = inception_score(p, splits=10)
+    assert got[0] == pytest.approx(ref[0], rel=1e-12) and got[1] == pytest.approx(ref[1], rel=1e-9)
+    with pytest.raises(ValueError, match="N >= 10"):
+        inception_score(p[:9])
+
+
+def test_inception_score_via_compute_metrics(tmp_path):
+    det_path = make_standin(tmp_path / "standin.pt")
+    detector = load_detector("inception", det_path)
+    seeds = list(range(5, 128))
+    # Streaming in uneven batches, with FID alongside, equals the score of the probabilities in seed order.
+    fid, score = compute_metrics(make_images, seeds, ["fid", "is"], batch_size=17, detector_path=det_path,
+                                 ref_dataset=ArrayDataset(make_images(range(1000, 1100)).numpy()), progress=False)
+    assert fid["metric"] == "fid" and score["metric"] == "is" and score["num_samples"] == len(seeds)
+    probs = detector.probabilities(make_images(seeds)).numpy()
+    ref = inception_score_reference(probs, 10)
+    assert score["value"] == pytest.approx(ref[0], rel=1e-9) and score["std"] == pytest.approx(ref[1], rel=1e-6)
+    assert score["splits"] == 10 and 1.0 <= score["value"] <= 10.0
+    # No reference statistics are needed for a score alone.
+    (alone,) = compute_metrics(make_images, seeds, ["is"], batch_size=64, detector_path=det_path, progress=False)
+    assert alone["value"] == pytest.approx(score["value"], rel=1e-12)
+    with pytest.raises(UserError, match="at least 10 samples"):
+        compute_metrics(make_images, list(range(5)), ["is"], detector_path=det_path, progress=False)
 
 # ----------------------------------------------------------------------------
 # Reference files and the FID path end to end.
@@ -351,3 +405,16 @@ def test_plot_fd_vs_kimg(tmp_path):
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert plot_fd_vs_kimg(str(tmp_path / "none.jsonl"), str(tmp_path / "none.png")) is None
+
+
+def test_is_lenet_on_real_digits(lenet, mnist):
+    # Real digits: near the 10 balanced, confidently recognised classes; one class only: near 1.
+    seeds = list(range(1000))
+    images = mnist.get_batch(np.random.default_rng(0).permutation(len(mnist))[:1000])[0]  # (sorted by class)
+    (res,) = compute_metrics(lambda s: images[s], seeds, ["is_lenet"], batch_size=250, progress=False)
+    assert res["metric"] == "is_lenet" and res["num_samples"] == 1000
+    assert 8.5 < res["value"] <= 10.0
+    ones = np.flatnonzero(mnist.labels == 1)[:200]
+    single = mnist.get_batch(ones)[0]
+    (one,) = compute_metrics(lambda s: single[s], list(range(200)), ["is_lenet"], batch_size=250, progress=False)
+    assert one["value"] < 1.5
