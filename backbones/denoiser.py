@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      s4_kernel="dplr", n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
                      v_head_dim=32, noise_channels=128, s4_2d=True, mlp_conv=True, long_skips=True, final_conv=True),
     # Version 3: conv U-Net levels at 32 and 16 px (32 and 64 channels) around 6 token blocks (4 S4ND + 2 MLA) on the
-    # 8x8 grid, patch size 1.
+    # 8x8 grid, patch size 1. 2,471,841 params, 0.46 GFLOPs ("small": 0.16), about 2.3x the fwd+bwd time of "small".
     "small_v3": dict(patch_size=1, d_model=128, depth=6, layer_pattern="SSM", mlp_ratio=4.0, d_state=64,
                      s4_kernel="dplr", n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
                      v_head_dim=32, noise_channels=128, s4_2d=True, conv_channels=(32, 64), conv_blocks=1),
