@@ -1,7 +1,7 @@
 """Teacher backbones side by side: each candidate is trained with the EDM loss on mnist5k for the same wall-clock
 budget on this machine, then measured with the same sampler, detector, seeds and sample counts.
 
-    python benchmarks/bench_teacher.py --quick                      # v1, v2 and the UNet anchor: about 9 minutes
+    python benchmarks/bench_teacher.py --quick                      # v1, v3, UNet anchor: 1.8 min training each
     python benchmarks/bench_teacher.py --minutes 6 --candidates v1,v2,v2-no-s4nd,v2-no-conv,v2-no-skips,unet
     python benchmarks/bench_teacher.py --eval assets/teachers/mnist5k  # measure a trained teacher, no training
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="output prefix: PREFIX.json, PREFIX.md, PREFIX_<candidate>.png")
     args = p.parse_args(argv)
     if args.quick:
-        args.candidates, args.minutes, args.samples, args.steps = "v1,v2,unet", 1.8, 250, 10
+        args.candidates, args.minutes, args.samples, args.steps = "v1,v3,unet", 1.8, 250, 10
         args.batch, args.warmup_kimg = 32, 0.5
         if args.out == p.get_default("out"):
             args.out += "_quick"
