@@ -135,7 +135,7 @@ class PowerEMA:
 
     def state_dict(self) -> dict:
         state = {f"{i}.{k}": v for i, m in enumerate(self._models) for k, v in m.state_dict().items()}
-        state["num_updates"] = torch.tensor(self.num_updates, dtype=torch.int64)
+        state["num_updates"] = torch.tensor([self.num_updates], dtype=torch.int64)  # (1,): checkpoints hash bytes
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -148,4 +148,4 @@ class PowerEMA:
         if extra:
             raise KeyError(f"the EMA state holds {len(self._models) + len(extra)} averages, this run tracks "
                            f"{len(self._models)}")
-        self.num_updates = int(state["num_updates"])
+        self.num_updates = int(state["num_updates"].reshape(-1)[0])

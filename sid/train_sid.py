@@ -68,6 +68,12 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x.detach()).flatten(1).all(1)
 
 
+def zero_rows(keep: torch.Tensor):
+    """A gradient hook that zeroes the rows of a (B, ...) gradient where ``keep`` is False."""
+    mask = keep.view(-1, *([1] * 3))
+    return lambda grad: torch.where(mask, grad, 0.0)
+
+
 def init_generator_weights(net: torch.nn.Module, path: str) -> float:
     """Load the denoiser of the generator folder ``path`` into ``net`` (a copy of the teacher), for SiD2A; returns
     that generator's sigma_init."""
@@ -353,8 +359,7 @@ class SiDLoop(TrainingLoop):
                     loss_sid = loss = generator_loss(self.teacher, self.fake_score_plain, x_g, labels, **kw)
                 keep = ok & torch.isfinite(loss.detach())
                 if not bool(keep.all()) and x_g.requires_grad:
-                    k = keep.view(-1, 1, 1, 1)
-                    x_g.register_hook(lambda grad: torch.where(k, grad, 0.0))
+                    x_g.register_hook(zero_rows(keep))
                 loss = torch.where(keep, loss, 0.0)
                 self.accelerator.backward(loss.sum() / self.batch_per_process)
             stats["nonfinite_samples"] += (~keep).sum().float()
