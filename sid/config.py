@@ -111,7 +111,7 @@ class EMAConfig:
     halflife_kimg: float = 500.0  # halflife: EMA half-life of the exported network
     rampup: float | None = 0.05  # halflife: effective half-life <= rampup * cur_nimg; None = no ramp-up
     sigma_rel: list[float] = field(default_factory=lambda: [0.05, 0.10])  # power: widths relative to the run
-    export: str = "0"  # power: index in sigma_rel of the exported average, or best (lowest first metric)
+    export: str = "0"  # power: index in sigma_rel of the exported average, or best (by the first metric)
 
 
 @dataclass

@@ -407,7 +407,8 @@ class SiDLoop(TrainingLoop):
         """Metrics of the exported average on ``eval.seed_sets`` disjoint seed sets of ``eval.num_samples`` each
         (set k: seeds k*N..(k+1)*N-1): ``<metric>`` is their mean, ``<metric>_set<k>`` each set's value (when there
         are several). With ``ema.export=best`` every tracked average is measured (``<metric>_<name>``) and the one
-        with the lowest first metric becomes the exported one (``ema_best``)."""
+        with the best first metric (lowest distance, highest Inception Score) becomes the exported one
+        (``ema_best``)."""
         from .metrics import compute_metrics
 
         e = self.cfg.eval
@@ -434,7 +435,10 @@ class SiDLoop(TrainingLoop):
                     out.update({f"{m}{suffix}_set{k}": x for k, x in enumerate(v)})
             score[i] = out[e.metrics[0] + suffix]
         if best:
-            self.best_index = min(score, key=score.get)
+            from .metrics import SCORE_METRICS  # Inception Scores: higher is better; distances: lower
+
+            sign = -1.0 if e.metrics[0] in SCORE_METRICS else 1.0
+            self.best_index = min(score, key=lambda i: sign * score[i])
             name = self.ema.names[self.best_index]
             for m in e.metrics:
                 out[m] = out[f"{m}_{name}"]

@@ -429,3 +429,22 @@ def test_sida_requires_the_encoder_of_a_known_network():
 
     with pytest.raises(UserError, match="has no known encoder site"):
         SiDAFakeScore(torch.nn.Linear(2, 2))
+
+
+def test_export_best_picks_the_average_with_the_lowest_distance(tiny_teacher_32, tmp_path):
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.full(128, 0.1), sigma=np.eye(128))
+    loop = make_loop(tiny_teacher_32, tmp_path, "eval.metrics=[fd_lenet]", "eval.num_samples=12", "eval.batch_size=12",
+                     f"eval.ref={ref}", "data.resolution=32", "ema.kind=power", "ema.sigma_rel=[0.05,0.1,0.2]",
+                     "ema.export=best")
+    with torch.no_grad():  # make the three averages differ
+        for i, model in enumerate(loop.ema.models):
+            for p in model.parameters():
+                p.mul_(1 + 0.3 * i)
+    out = loop.evaluate()
+    values = {name: out[f"fd_lenet_{name}"] for name in ("ema0.05", "ema0.1", "ema0.2")}
+    best = min(values, key=values.get)
+    assert out["ema_best"] == best and out["fd_lenet"] == values[best] and len(set(values.values())) == 3
+    assert loop.export_index() == loop.ema.names.index(best)
+    assert torch.equal(loop.sample_grid(), loop.make_images(list(range(loop.cfg.grid_seeds)),
+                                                            loop.ema.models[loop.export_index()]))
