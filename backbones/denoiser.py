@@ -46,7 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 8x8 grid, patch size 1. 2,471,841 params, 0.46 GFLOPs ("small": 0.16), about 2.3x the fwd+bwd time of "small".
     "small_v3": dict(patch_size=1, d_model=128, depth=6, layer_pattern="SSM", mlp_ratio=4.0, d_state=64,
                      s4_kernel="dplr", n_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-                     v_head_dim=32, noise_channels=128, s4_2d=True, conv_channels=(32, 64), conv_blocks=1),
+                     v_head_dim=32, noise_channels=128, s4_2d=True, conv_channels=[32, 64], conv_blocks=1),
     # GPU presets sized like EDM's teachers. GFLOPs: one forward pass of one image counted by torch.utils.flop_counter
     # (matmuls, convolutions, attention; the S4 kernels' and FFTs' few FLOPs are not counted).
     # CIFAR-10 (32x32x3, 10 classes), 256 tokens, 8 S4 + 4 MLA layers. 54,830,092 params (54,824,460 uncond),
@@ -132,8 +132,8 @@ class HybridDenoiser(ModelMixin, ConfigMixin):
         mlp_conv: bool = False,             # Depthwise 3x3 conv inside every MLP.
         long_skips: bool = False,           # U-ViT long skips: block i feeds block depth-1-i (concat + linear).
         final_conv: bool = False,           # 3x3 conv on the unpatchified output (smooths patch seams).
-        # Version 3: convolutional U-Net levels around the token blocks; empty = none (versions 1 and 2).
-        conv_channels: tuple[int, ...] | list[int] = (),  # Widths of the conv levels at R, R/2, ...
+        # Version 3: convolutional U-Net levels around the token blocks; None = none (versions 1 and 2).
+        conv_channels: list[int] | None = None,  # Widths of the conv levels at R, R/2, ...; None = none.
         conv_blocks: int = 1,               # ConvResBlocks per conv level (encoder and decoder each).
     ):
         super().__init__()
@@ -148,7 +148,7 @@ class HybridDenoiser(ModelMixin, ConfigMixin):
                                  + ", ".join(f"{k!r} ({v})" for k, v in MIXERS.items()) + ".")
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}.")
-        conv_channels = tuple(int(ch) for ch in conv_channels)
+        conv_channels = tuple(int(ch) for ch in conv_channels or ())
         if any(ch < 1 for ch in conv_channels) or conv_blocks < 1:
             raise ValueError(f"conv_channels must be positive widths and conv_blocks >= 1, got {conv_channels} and "
                              f"{conv_blocks}.")
