@@ -57,8 +57,9 @@ def train_main(argv: list[str] | None = None) -> None:
                     "runs the main job: configs/sid/mnist5k.yaml, SiD on the embedded MNIST "
                     "teacher, on this machine's CPU in about 10 minutes.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="configs: configs/sid/mnist5k.yaml (default), configs/sid/smoke.yaml, configs/sid/cifar10_ddpm.yaml, "
-               "configs/sid/edm_*.yaml (the SiD paper's recipes on EDM teachers), configs/teacher/mnist5k.yaml, "
+        epilog="configs: configs/sid/mnist5k.yaml (default), configs/sid/mnist5k_sida.yaml (SiDA), "
+               "configs/sid/smoke.yaml, configs/sid/cifar10_ddpm.yaml, configs/sid/edm_*.yaml (the SiD paper's "
+               "recipes on EDM teachers), configs/teacher/mnist5k.yaml, configs/teacher/mnist5k_v3.yaml, "
                "configs/teacher/cifar10.yaml\n"
                "several processes: torchrun --nproc_per_node N train.py ... or accelerate launch --multi_gpu "
                "--num_processes N train.py ... (without --multi_gpu accelerate runs one process, which is refused)\n"
