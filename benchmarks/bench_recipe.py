@@ -1,0 +1,275 @@
+"""Evaluate distilled generators next to their teacher on disjoint seed sets: fd_lenet, class agreement, and two
+diversity measures, with a side-by-side grid (issue 13/15 recipe measurements).
+
+    python benchmarks/bench_recipe.py --runs runs/sid-mnist5k runs/sida-mnist5k          # ~1 min per run + teacher
+    python benchmarks/bench_recipe.py --runs A B --sets 2 --samples 2000 --out benchmarks/results/bench_recipe.json
+
+For every run directory (its exported ``generator/`` folder, sampled with the steps it was trained for) and for the
+teacher (EDM Heun, 18 steps = 35 NFE; cached in ``--teacher-cache`` since it costs minutes) on seed set k = seeds
+k*N..(k+1)*N-1, with the shipped LeNet's features against all 5,000 mnist5k images:
+
+- ``fd_lenet``: Frechet distance of the 128-d features (not FID);
+- ``agreement``: share of samples the shipped classifier assigns to the class they were asked for;
+- ``precision`` / ``recall``: the k-nearest-neighbour manifold estimates of Kynkaenniemi et al. (2019), k = 3,
+  features of N generated against N real images (seeded): precision = generated samples inside the real manifold
+  (fidelity), recall = real images inside the generated manifold (coverage, the diversity a mode-seeking generator
+  loses);
+- ``spread``: within-class diversity, the mean over classes of trace(cov(features of the samples asked for class
+  c)) divided by the same for the real images of class c; 1 = as varied as the data, below 1 = samples of a class
+  look more alike than real digits do.
+
+Quote every seed set: fd_lenet on 2,000 samples moves by about 10-15 between disjoint sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine_info, pick_threads, write_json  # noqa: E402
+from sid.config import DataConfig, UserError  # noqa: E402
+from sid.data import load_dataset, to_uint8  # noqa: E402
+from sid.detectors import LeNetDetector  # noqa: E402
+from sid.metrics import frechet_distance  # noqa: E402
+from sid.runs import save_grid  # noqa: E402
+from sid.sampling import edm_sampler, nfe, seed_labels, seed_latents  # noqa: E402
+from sid.teachers import load_generator, load_teacher  # noqa: E402
+from sid.generator import seed_step_noise  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TEACHER = str(ROOT / "assets" / "teachers" / "mnist5k")
+DEFAULT_LENET = str(ROOT / "assets" / "detectors" / "lenet_mnist5k.safetensors")
+K_NN = 3
+
+
+class RealFeatures:
+    """LeNet features and labels of all mnist5k images, and the per-class feature traces."""
+
+    def __init__(self, detector: LeNetDetector):
+        ds = load_dataset(DataConfig(name="mnist5k"))
+        images, labels = ds.get_batch(torch.arange(len(ds)))
+        feats = torch.cat([detector(images[i:i + 500]) for i in range(0, len(images), 500)]).double()
+        self.features, self.labels = feats, torch.as_tensor(labels).long()
+        self.mu = feats.mean(0).numpy()
+        self.cov = np.cov(feats.numpy(), rowvar=False)
+        self.class_trace = {c: float(torch.var(feats[self.labels == c], dim=0, unbiased=True).sum())
+                            for c in range(int(self.labels.max()) + 1)}
+
+
+def knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance of every row of x to its k-th nearest other row."""
+    d = torch.cdist(x, x)
+    return d.kthvalue(k + 1, dim=1).values  # k + 1: the row itself is at distance 0
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = K_NN) -> tuple[float, float]:
+    """k-NN manifold precision (fake inside real balls) and recall (real inside fake balls)."""
+    r_real, r_fake = knn_radii(real, k), knn_radii(fake, k)
+    d = torch.cdist(fake, real)  # (F, R)
+    precision = (d <= r_real[None, :]).any(1).double().mean().item()
+    recall = (d <= r_fake[:, None]).any(0).double().mean().item()
+    return precision, recall
+
+
+def measure(images: torch.Tensor, labels: torch.Tensor | None, detector: LeNetDetector, real: RealFeatures,
+            set_index: int) -> dict:
+    feats = torch.cat([detector(images[i:i + 500]) for i in range(0, len(images), 500)]).double()
+    fd = frechet_distance(feats.mean(0).numpy(), np.cov(feats.numpy(), rowvar=False), real.mu, real.cov)
+    out = {"fd_lenet": float(fd), "num_samples": len(images)}
+    g = torch.Generator().manual_seed(1000 + set_index)
+    pick = torch.randperm(len(real.features), generator=g)[:len(images)]
+    out["precision"], out["recall"] = precision_recall(real.features[pick], feats)
+    if labels is not None:
+        logits = torch.cat([detector.logits(images[i:i + 500]) for i in range(0, len(images), 500)])
+        out["agreement"] = float((logits.argmax(1) == labels).double().mean())
+        ratios = [float(torch.var(feats[labels == c], dim=0, unbiased=True).sum()) / tr
+                  for c, tr in real.class_trace.items() if int((labels == c).sum()) > 1]
+        out["spread"] = float(np.mean(ratios))
+    return out
+
+
+@torch.no_grad()
+def generator_images(path: str, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    gen = load_generator(path)
+    den = gen.denoiser
+    shape = (den.img_channels, den.img_resolution, den.img_resolution)
+    out = []
+    for i in range(0, len(seeds), 250):
+        s = seeds[i:i + 250]
+        chain = seed_step_noise(s, shape, gen.steps)
+        out.append(to_uint8(gen(seed_latents(s, shape), seed_labels(s, den.label_dim), chain)))
+    return torch.cat(out), seed_labels(seeds, den.label_dim), gen.steps
+
+
+@torch.no_grad()
+def teacher_images(path: str, seeds: list[int], steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    teacher = load_teacher(path).eval().requires_grad_(False)
+    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    out = []
+    for i in range(0, len(seeds), 100):
+        s = seeds[i:i + 100]
+        out.append(to_uint8(edm_sampler(teacher, seed_latents(s, shape), seed_labels(s, teacher.label_dim),
+                                        num_steps=steps)))
+    return torch.cat(out), seed_labels(seeds, teacher.label_dim)
+
+
+def file_digest(folder: str) -> str:
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".safetensors", ".json")) and name != "metrics.jsonl":
+            with open(os.path.join(folder, name), "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def teacher_rows(args, detector, real) -> list[dict]:
+    """Teacher metrics per seed set, from the cache when the teacher's files and the protocol are unchanged."""
+    key = f"{file_digest(args.teacher)}-{args.samples}-{args.teacher_steps}"
+    cache = {}
+    if os.path.isfile(args.teacher_cache):
+        with open(args.teacher_cache) as fh:
+            cache = json.load(fh)
+    rows = cache.get(key, {}).get("sets", [])
+    for k in range(len(rows), args.sets):
+        t0 = time.perf_counter()
+        seeds = list(range(k * args.samples, (k + 1) * args.samples))
+        images, labels = teacher_images(args.teacher, seeds, args.teacher_steps)
+        row = measure(images, labels, detector, real, k)
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        print(f"teacher set {k}: " + ", ".join(f"{m} {row[m]:.4g}" for m in ("fd_lenet", "agreement", "precision",
+                                                                              "recall", "spread") if m in row),
+              flush=True)
+        cache[key] = {"teacher": args.teacher, "nfe": nfe(args.teacher_steps), "sets": rows}
+        os.makedirs(os.path.dirname(args.teacher_cache) or ".", exist_ok=True)
+        with open(args.teacher_cache, "w") as fh:
+            json.dump(cache, fh, indent=1)
+    return rows[:args.sets]
+
+
+def plot_models(models: list[tuple[str, list[dict]]], out: str) -> None:
+    """Two panels: fd_lenet of each seed set (dots) and their mean (bar); class agreement and recall (bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, _ in models]
+    x = np.arange(len(models))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(models) + 3), 3.6))
+    fd = [[s["fd_lenet"] for s in sets] for _, sets in models]
+    a1.bar(x, [np.mean(v) for v in fd], color=["0.6"] + ["C0"] * (len(models) - 1))
+    for i, v in enumerate(fd):
+        a1.plot([i] * len(v), v, "k.", ms=8)
+    a1.set_ylabel("fd_lenet (lower is better)")
+    a1.set_title("fd_lenet: bar = mean, dots = seed sets")
+    w = 0.38
+    for j, (key, label) in enumerate([("agreement", "class agreement"), ("recall", "recall")]):
+        vals = [np.mean([s.get(key, np.nan) for s in sets]) for _, sets in models]
+        a2.bar(x + (j - 0.5) * w, vals, w, label=label)
+    a2.set_ylim(0, 1)
+    a2.legend(loc="lower right", fontsize=8)
+    a2.set_title("class agreement and recall (higher is better)")
+    for a in (a1, a2):
+        a.set_xticks(x)
+        a.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def run_train_seconds(run_dir: str) -> float | None:
+    """Training time of a run (evaluations excluded): sec_per_kimg x kimg of each tick in stats.jsonl."""
+    path = os.path.join(run_dir, "stats.jsonl")
+    if not os.path.isfile(path):
+        return None
+    total, prev = 0.0, 0.0
+    with open(path) as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if "sec_per_kimg" in rec:
+                total += rec["sec_per_kimg"] * (rec["kimg"] - prev)
+                prev = rec["kimg"]
+    return total if prev > 0 else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True, help="sid run directories (or generator folders)")
+    p.add_argument("--names", default=None, help="comma-separated labels of the runs (default: folder names)")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    p.add_argument("--teacher-steps", dest="teacher_steps", type=int, default=18, help="Heun steps (2n-1 NFE)")
+    p.add_argument("--teacher-cache", dest="teacher_cache",
+                   default=str(ROOT / "benchmarks" / "results" / "bench_recipe_teacher.json"))
+    p.add_argument("--samples", type=int, default=2000, help="samples per seed set")
+    p.add_argument("--sets", type=int, default=2, help="disjoint seed sets")
+    p.add_argument("--grid", default=None, help="PNG: 10 samples (seeds 0-9) of the teacher and each run, a row each")
+    p.add_argument("--plot", default=None, help="PNG: fd_lenet per seed set and class agreement of every model")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_recipe.json"))
+    args = p.parse_args(argv)
+    reason = pick_threads(torch.device("cpu"), args.threads)
+    names = args.names.split(",") if args.names else [os.path.basename(os.path.normpath(r)) for r in args.runs]
+    if len(names) != len(args.runs):
+        raise UserError(f"--names has {len(names)} labels for {len(args.runs)} runs; expected one per run")
+    gen_dirs = []
+    for r in args.runs:
+        g = r if os.path.isfile(os.path.join(r, "sid_generator.json")) else os.path.join(r, "generator")
+        if not os.path.isfile(os.path.join(g, "sid_generator.json")):
+            raise UserError(f"run '{r}' has no exported generator (expected {g}/sid_generator.json)")
+        gen_dirs.append(g)
+    detector = LeNetDetector(DEFAULT_LENET)
+    real = RealFeatures(detector)
+    results = {"teacher": {"path": args.teacher, "nfe": nfe(args.teacher_steps),
+                           "sets": teacher_rows(args, detector, real)}, "runs": []}
+    grid_rows = []
+    if args.grid:
+        grid_rows.append(teacher_images(args.teacher, list(range(10)), args.teacher_steps)[0])
+    for name, run, g in zip(names, args.runs, gen_dirs):
+        sets = []
+        for k in range(args.sets):
+            images, labels, steps = generator_images(g, list(range(k * args.samples, (k + 1) * args.samples)))
+            sets.append(measure(images, labels, detector, real, k))
+        if args.grid:
+            grid_rows.append(generator_images(g, list(range(10)))[0])
+        results["runs"].append({"name": name, "run": run, "nfe": steps, "train_s": run_train_seconds(run),
+                                "sets": sets})
+    # The table, one row per model, each seed set and the mean.
+    metrics = ["fd_lenet", "agreement", "precision", "recall", "spread"]
+    print(f"\n| model | NFE | train min | " + " | ".join(f"fd_lenet set {k}" for k in range(args.sets)) +
+          " | fd mean | agreement | precision | recall | spread |")
+    print("|---|---|---|" + "---|" * (args.sets + 5))
+    for label, nfe_, train_s, sets in [("teacher", nfe(args.teacher_steps), None, results["teacher"]["sets"])] + \
+            [(r["name"], r["nfe"], r["train_s"], r["sets"]) for r in results["runs"]]:
+        mean = {m: float(np.mean([s[m] for s in sets])) for m in metrics if m in sets[0]}
+        fds = " | ".join(f"{s['fd_lenet']:.1f}" for s in sets)
+        minutes = "" if train_s is None else f"{train_s / 60:.1f}"
+        print(f"| {label} | {nfe_} | {minutes} | {fds} | {mean['fd_lenet']:.1f} | {mean.get('agreement', float('nan')):.3f} | "
+              f"{mean['precision']:.3f} | {mean['recall']:.3f} | {mean.get('spread', float('nan')):.3f} |")
+    if args.grid:
+        save_grid(torch.cat(grid_rows), args.grid, ncols=10)
+        print(f"grid: {args.grid} (rows: teacher, {', '.join(names)})")
+    if args.plot:
+        plot_models([("teacher", results["teacher"]["sets"])] + [(r["name"], r["sets"]) for r in results["runs"]],
+                    args.plot)
+        print(f"plot: {args.plot}")
+    results["machine"] = {**machine_info(torch.device("cpu")), "threads_reason": reason}
+    write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

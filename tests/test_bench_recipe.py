@@ -1,0 +1,68 @@
+"""benchmarks/bench_recipe.py: the k-NN precision/recall and the within-class spread on cases with known answers,
+and the script end to end on a tiny distilled generator (JSON keys, the teacher cache, the error for a run with no
+generator)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.bench_recipe import knn_radii, precision_recall  # noqa: E402
+
+
+def test_knn_radius_is_distance_to_kth_other_point():
+    x = torch.tensor([[0.0], [1.0], [3.0], [7.0]], dtype=torch.float64)
+    # Neighbours of 0: 1 (d 1), 3 (d 3), 7; of 7: 3 (d 4), 1 (d 6).
+    assert knn_radii(x, 1).tolist() == [1.0, 1.0, 2.0, 4.0]
+    assert knn_radii(x, 2).tolist() == [3.0, 2.0, 3.0, 6.0]
+
+
+def test_precision_recall_identical_disjoint_and_collapsed():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    assert precision_recall(real, real.clone()) == (1.0, 1.0)
+    far = real + 100.0
+    assert precision_recall(real, far) == (0.0, 0.0)
+    # A collapsed generator (every sample near one real point): all precise, covers almost nothing.
+    collapsed = real[:1] + 1e-3 * torch.randn(300, 8, generator=g, dtype=torch.float64)
+    precision, recall = precision_recall(real, collapsed)
+    assert precision == 1.0 and recall < 0.05
+
+
+def test_script_end_to_end_and_teacher_cache(tmp_path, tiny_teacher_32):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/sid/smoke.yaml", f"teacher={tiny_teacher_32}",
+                           f"run_dir={run_dir}", "total_kimg=0.016", "checkpoint_kimg=0.016", "snapshot_kimg=0.016",
+                           "tick_kimg=0.008"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cache, out = tmp_path / "teacher.json", tmp_path / "recipe.json"
+    cmd = [sys.executable, "benchmarks/bench_recipe.py", "--runs", str(run_dir), "--names", "tiny", "--teacher",
+           str(tiny_teacher_32), "--teacher-steps", "2", "--samples", "40", "--sets", "2", "--teacher-cache",
+           str(cache), "--out", str(out), "--threads", "1", "--grid", str(tmp_path / "grid.png"), "--plot",
+           str(tmp_path / "plot.png")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (run,) = result["runs"]
+    assert run["name"] == "tiny" and run["nfe"] == 1 and len(run["sets"]) == 2
+    for row in run["sets"] + result["teacher"]["sets"]:
+        assert row["num_samples"] == 40 and row["fd_lenet"] > 0
+        assert 0 <= row["agreement"] <= 1 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+        assert row["spread"] > 0
+    assert result["teacher"]["nfe"] == 3
+    assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "plot.png").stat().st_size > 0
+    assert "| tiny | 1 |" in proc.stdout
+    # The second call reads the teacher's rows from the cache (no "teacher set" lines printed).
+    cached = json.loads(cache.read_text())
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "teacher set" not in proc.stdout
+    assert json.loads(cache.read_text()) == cached
+    # A folder without a generator: one sentence, exit 2.
+    proc = subprocess.run(cmd[:3] + [str(tmp_path)] + cmd[4:], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "has no exported generator" in proc.stderr and "Traceback" not in proc.stderr
