@@ -142,6 +142,8 @@ class Config:
     metrics_kimg: float = 0.0  # evaluate metrics every this many kimg; 0 = only at the end
     mixed_precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
     cpu: bool = False  # force CPU even when CUDA is available
+    compile: bool = False  # sid: torch.compile the generator, fake score and teacher (same weights, keys, resume)
+    compile_backend: str = "inductor"  # torch.compile backend when compile is true: inductor | aot_eager | eager
     teacher: str | None = None  # sid: a sid denoiser folder, a diffusers pipeline folder or an EDM snapshot .pkl
     grid_seeds: int = 64  # fixed seeds 0..grid_seeds-1 drawn in every sample grid
     trackers: list[str] = field(default_factory=list)  # tensorboard | wandb: stats, grids, metrics via accelerate
@@ -156,6 +158,7 @@ class Config:
 RUN_KINDS = ("teacher", "sid")
 DATASETS = ("mnist5k", "digits", "folder", "zip", "npz", "cifar10", "none")
 MIXED_PRECISION = ("fp32", "bf16", "fp16")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # aot_eager / eager: no code generation (tests, debugging)
 METRICS = ("fd_lenet", "fid", "is", "is_lenet")
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # name -> the package it needs
 
@@ -302,6 +305,10 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
         cfg.mixed_precision in MIXED_PRECISION,
         f"config key 'mixed_precision' is {cfg.mixed_precision!r}, expected one of {', '.join(MIXED_PRECISION)}",
     )
+    _require(cfg.compile_backend in COMPILE_BACKENDS, f"config key 'compile_backend' is {cfg.compile_backend!r}, "
+             f"expected one of {', '.join(COMPILE_BACKENDS)}")
+    _require(not (cfg.compile and cfg.kind == "teacher"), "config key 'compile' is true, but only kind=sid compiles "
+             "its networks; expected false for teacher training")
     _require(cfg.data.name in DATASETS, f"config key 'data.name' is {cfg.data.name!r}, expected one of "
              f"{', '.join(DATASETS)}")
     _require(not (cfg.kind == "teacher" and cfg.data.name == "none"), "config key 'data.name' is none, but teacher "
