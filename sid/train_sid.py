@@ -97,6 +97,25 @@ def launch_command() -> str:
     return shlex.join(["python", *argv])
 
 
+def compile_networks(networks: list[torch.nn.Module], backend: str = "inductor") -> list[torch.nn.Module]:
+    """Compile each network in place with ``nn.Module.compile`` (docs/design.md section 13): calling it runs the
+    compiled forward, while the module object, its parameters and its state-dict keys stay those of the eager
+    network (no ``_orig_mod.`` wrapper), so optimizers, the EMA (a copy made before), checkpoints, exports and exact
+    resume see nothing new. Called after accelerate's ``prepare`` on the unwrapped modules, so a DDP wrapper calls
+    the compiled module and keeps its own gradient hooks. Shapes are static (a new micro-batch shape compiles
+    again); S4 kernel generation stays eager (a graph break), so frozen layers keep their kernel cache."""
+    import torch._dynamo
+
+    # One code object (Module._call_impl, the blocks' forwards) serves every network, phase (train/eval mode,
+    # frozen or not, grad or no_grad) and precision: allow more variants than the default before falling back.
+    c = torch._dynamo.config
+    c.recompile_limit = max(c.recompile_limit, 64)
+    c.accumulated_recompile_limit = max(c.accumulated_recompile_limit, 512)
+    for net in networks:
+        net.compile(backend=backend, dynamic=False)
+    return networks
+
+
 class SiDLoop(TrainingLoop):
     kind = "sid"
 
@@ -202,12 +221,19 @@ class SiDLoop(TrainingLoop):
             self.ema = EMA(unwrap(self.generator_net), e.halflife_kimg, e.rampup)
         self.best_index = 0  # export=best: the average with the lowest first metric at the last evaluation
         self.teacher_ref = {m: teacher_reference(cfg.teacher, m, cfg.eval.num_samples) for m in cfg.eval.metrics}
+        if cfg.compile:
+            compile_networks([self.teacher, unwrap(self.generator_net), unwrap(self.fake_score)], cfg.compile_backend)
+            self.log(f"compile: teacher, generator and fake score with torch.compile (backend {cfg.compile_backend}); "
+                     "the first steps compile each phase's graphs")
 
     def _adam(self, network: str) -> dict:
         """Adam settings of ``network`` (generator | fake_score): its own lr and betas (sid.betas when null)."""
         s = self.cfg.sid
         betas = getattr(s, f"betas_{network}")
-        return {"lr": getattr(s, f"lr_{network}"), "betas": tuple(s.betas if betas is None else betas), "eps": s.eps}
+        # foreach: the multi-tensor Adam, bit-identical to the per-parameter loop and ~25 % cheaper on CPU (CUDA
+        # picks it by default).
+        return {"lr": getattr(s, f"lr_{network}"), "betas": tuple(s.betas if betas is None else betas), "eps": s.eps,
+                "foreach": True if self.device.type in ("cpu", "cuda") else None}
 
     def export_index(self) -> int:
         """Which tracked average is exported (and drawn in the grids)."""

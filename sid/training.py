@@ -122,10 +122,15 @@ def param_groups(model: nn.Module, lr: float, ssm_lr: float, weight_decay: float
 
 
 def sanitize_gradients(params) -> torch.Tensor:
-    """``nan_to_num`` every gradient in place (docs/design.md section 4). Returns, as a device tensor (no host
-    sync), how many gradient tensors held non-finite values."""
+    """``nan_to_num`` every gradient in place (docs/design.md section 4). Returns, as a device tensor, how many
+    gradient tensors held non-finite values; no host sync except on CPU, where a sync costs nothing."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
+        return torch.zeros(())
+    # CPU: a gradient with a NaN or Inf has a non-finite norm, and one fused norm pass is ~10x cheaper than
+    # isfinite + all per tensor; when every norm is finite, nan_to_num would change no bit and is skipped. A
+    # non-finite norm (or a finite gradient whose norm overflows) takes the exact path below.
+    if grads[0].device.type == "cpu" and bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
         return torch.zeros(())
     bad = torch.stack([~torch.isfinite(g).all() for g in grads]).sum().float()
     for g in grads:
