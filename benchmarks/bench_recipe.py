@@ -98,27 +98,30 @@ def measure(images: torch.Tensor, labels: torch.Tensor | None, detector: LeNetDe
 
 
 @torch.no_grad()
-def generator_images(path: str, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    gen = load_generator(path)
+def generator_images(path: str, seeds: list[int], device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    gen = load_generator(path).to(device)
     den = gen.denoiser
     shape = (den.img_channels, den.img_resolution, den.img_resolution)
     out = []
     for i in range(0, len(seeds), 250):
         s = seeds[i:i + 250]
-        chain = seed_step_noise(s, shape, gen.steps)
-        out.append(to_uint8(gen(seed_latents(s, shape), seed_labels(s, den.label_dim), chain)))
+        chain = seed_step_noise(s, shape, gen.steps, device)
+        out.append(to_uint8(gen(seed_latents(s, shape, device), seed_labels(s, den.label_dim, device), chain)).cpu())
     return torch.cat(out), seed_labels(seeds, den.label_dim), gen.steps
 
 
 @torch.no_grad()
-def teacher_images(path: str, seeds: list[int], steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    teacher = load_teacher(path).eval().requires_grad_(False)
+def teacher_images(path: str, seeds: list[int], steps: int, device: str = "cpu"
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    teacher = load_teacher(path).eval().requires_grad_(False).to(device)
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     out = []
-    for i in range(0, len(seeds), 100):
-        s = seeds[i:i + 100]
-        out.append(to_uint8(edm_sampler(teacher, seed_latents(s, shape), seed_labels(s, teacher.label_dim),
-                                        num_steps=steps)))
+    batch = 100 if device == "cpu" else 500
+    for i in range(0, len(seeds), batch):
+        s = seeds[i:i + batch]
+        out.append(to_uint8(edm_sampler(teacher, seed_latents(s, shape, device), seed_labels(s, teacher.label_dim,
+                                                                                               device),
+                                        num_steps=steps)).cpu())
     return torch.cat(out), seed_labels(seeds, teacher.label_dim)
 
 
@@ -142,7 +145,7 @@ def teacher_rows(args, detector, real) -> list[dict]:
     for k in range(len(rows), args.sets):
         t0 = time.perf_counter()
         seeds = list(range(k * args.samples, (k + 1) * args.samples))
-        images, labels = teacher_images(args.teacher, seeds, args.teacher_steps)
+        images, labels = teacher_images(args.teacher, seeds, args.teacher_steps, args.device)
         row = measure(images, labels, detector, real, k)
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
@@ -204,7 +207,8 @@ def run_train_seconds(run_dir: str) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--runs", nargs="+", required=True, help="sid run directories (or generator folders)")
+    p.add_argument("--runs", nargs="*", default=[], help="sid run directories (or generator folders); none: only the "
+                   "teacher is measured")
     p.add_argument("--names", default=None, help="comma-separated labels of the runs (default: folder names)")
     p.add_argument("--teacher", default=DEFAULT_TEACHER)
     p.add_argument("--teacher-steps", dest="teacher_steps", type=int, default=18, help="Heun steps (2n-1 NFE)")
@@ -215,9 +219,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--grid", default=None, help="PNG: 10 samples (seeds 0-9) of the teacher and each run, a row each")
     p.add_argument("--plot", default=None, help="PNG: fd_lenet per seed set and class agreement of every model")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="where the networks sample (cpu | cuda); features on the CPU")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_recipe.json"))
     args = p.parse_args(argv)
     reason = pick_threads(torch.device("cpu"), args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} was asked for, but torch sees no CUDA device; use --device cpu")
     names = args.names.split(",") if args.names else [os.path.basename(os.path.normpath(r)) for r in args.runs]
     if len(names) != len(args.runs):
         raise UserError(f"--names has {len(names)} labels for {len(args.runs)} runs; expected one per run")
@@ -233,14 +240,15 @@ def main(argv: list[str] | None = None) -> dict:
                            "sets": teacher_rows(args, detector, real)}, "runs": []}
     grid_rows = []
     if args.grid:
-        grid_rows.append(teacher_images(args.teacher, list(range(10)), args.teacher_steps)[0])
+        grid_rows.append(teacher_images(args.teacher, list(range(10)), args.teacher_steps, args.device)[0])
     for name, run, g in zip(names, args.runs, gen_dirs):
         sets = []
         for k in range(args.sets):
-            images, labels, steps = generator_images(g, list(range(k * args.samples, (k + 1) * args.samples)))
+            images, labels, steps = generator_images(g, list(range(k * args.samples, (k + 1) * args.samples)),
+                                                    args.device)
             sets.append(measure(images, labels, detector, real, k))
         if args.grid:
-            grid_rows.append(generator_images(g, list(range(10)))[0])
+            grid_rows.append(generator_images(g, list(range(10)), args.device)[0])
         results["runs"].append({"name": name, "run": run, "nfe": steps, "train_s": run_train_seconds(run),
                                 "sets": sets})
     # The table, one row per model, each seed set and the mean.

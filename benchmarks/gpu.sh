@@ -33,37 +33,8 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-py=${PYTHON:-}
-if [ -z "$py" ]; then
-    if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
-fi
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-
-# What the run imports (module:distribution), looked up in one interpreter start (no imports); install only what is
-# missing, only from the wheel directory.
-need="torch:torch numpy:numpy accelerate:accelerate diffusers:diffusers omegaconf:omegaconf safetensors:safetensors
-      scipy:scipy PIL:pillow tqdm:tqdm"
-found=$("$py" -c "
-import importlib.util, sys
-print(' '.join(p.split(':')[1] for p in sys.argv[1:] if importlib.util.find_spec(p.split(':')[0]) is None))
-" $need) || { echo "gpu.sh: cannot run $py" >&2; exit 3; }
-read -r -a missing <<< "$found"
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ -z "$wheels" ] || [ ! -d "$wheels" ]; then
-        echo "gpu.sh: $py lacks ${missing[*]}; pass a directory of wheels with --wheels DIR or SID_WHEELS" >&2
-        exit 3
-    fi
-    echo "gpu.sh: installing ${missing[*]} from $wheels (no index)"
-    "$py" -m pip install --no-index --find-links "$wheels" "${missing[@]}"
-fi
-
-if [ "$device" = cuda ]; then
-    if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-        echo "gpu.sh: torch sees no CUDA device (pass --cpu to run on the CPU)" >&2
-        exit 4
-    fi
-    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-fi
+name=gpu.sh
+. benchmarks/gpu_env.sh
 
 start=$(date +%s)
 timeout "${SID_GPU_LIMIT_S:-450}" "$py" benchmarks/bench_gpu.py --device "$device" "${args[@]}" --out "$out"

@@ -216,3 +216,30 @@ def test_gpu_sh_refuses_missing_packages_without_wheels(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 3 and "lacks" in proc.stderr and "torch" in proc.stderr and "--wheels" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_gpu_teacher_sh_trains_exports_and_measures_on_cpu(tmp_path):
+    """benchmarks/gpu_teacher.sh --cpu --quick: train for a fixed time, stop, export the EMA exactly from the newest
+    checkpoint, then measure it on two seed sets, all through the shell script; bad options exit 2."""
+    out = tmp_path / "t"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", SID_WHEELS=str(tmp_path / "no-wheels"))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_teacher.sh"), "--cpu", "--quick",
+                           "--minutes", "1", "--samples", "8", "--outdir", str(out), "--", "network.preset=tiny"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu_teacher.sh: done" in proc.stdout
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "metrics.jsonl", "grid.png"):
+        assert (out / "denoiser" / name).is_file(), name
+    (line,) = [json.loads(x) for x in (out / "denoiser" / "metrics.jsonl").read_text().splitlines()]
+    assert line["metric"] == "fd_lenet" and line["num_samples"] == 8 and line["nfe"] == 3
+    result = json.loads((out / "teacher_eval.json").read_text())
+    assert [s["num_samples"] for s in result["teacher"]["sets"]] == [8, 8]
+    # The same seeds and sampler: sample.py's fd_lenet on seeds 0-7 is the first set's.
+    assert result["teacher"]["sets"][0]["fd_lenet"] == pytest.approx(line["value"], rel=1e-6)
+    # The export is the EMA of the newest checkpoint's length.
+    ckpts = sorted((out / "run" / "checkpoints").glob("checkpoint-*.pt"))
+    assert ckpts and f"{int(ckpts[-1].stem.split('-')[1]) / 1000:.3f} kimg" in proc.stdout
+    for bad in (["--minutes", "x"], ["--samples", "0"], ["--config", str(tmp_path / "none.yaml")], ["--bogus"]):
+        p = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_teacher.sh"), "--cpu", *bad], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and bad[0] in p.stderr, (bad, p.stderr)
