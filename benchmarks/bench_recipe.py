@@ -170,7 +170,7 @@ def plot_models(models: list[tuple[str, list[dict]]], out: str) -> None:
     x = np.arange(len(models))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(models) + 3), 3.6))
     fd = [[s["fd_lenet"] for s in sets] for _, sets in models]
-    a1.bar(x, [np.mean(v) for v in fd], color=["0.6"] + ["C0"] * (len(models) - 1))
+    a1.bar(x, [np.mean(v) for v in fd], color=["0.6" if n == "teacher" else "C0" for n in names])
     for i, v in enumerate(fd):
         a1.plot([i] * len(v), v, "k.", ms=8)
     a1.set_ylabel("fd_lenet (lower is better)")
@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "teacher is measured")
     p.add_argument("--names", default=None, help="comma-separated labels of the runs (default: folder names)")
     p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    p.add_argument("--no-teacher", dest="no_teacher", action="store_true", help="measure only the runs (the "
+                   "teacher's 35-NFE sampling costs minutes on a CPU)")
     p.add_argument("--teacher-steps", dest="teacher_steps", type=int, default=18, help="Heun steps (2n-1 NFE)")
     p.add_argument("--teacher-cache", dest="teacher_cache",
                    default=str(ROOT / "benchmarks" / "results" / "bench_recipe_teacher.json"))
@@ -236,10 +238,12 @@ def main(argv: list[str] | None = None) -> dict:
         gen_dirs.append(g)
     detector = LeNetDetector(DEFAULT_LENET)
     real = RealFeatures(detector)
-    results = {"teacher": {"path": args.teacher, "nfe": nfe(args.teacher_steps),
-                           "sets": teacher_rows(args, detector, real)}, "runs": []}
+    if args.no_teacher and not args.runs:
+        raise UserError("--no-teacher with no --runs leaves nothing to measure; give run directories")
+    results = {"teacher": None if args.no_teacher else {"path": args.teacher, "nfe": nfe(args.teacher_steps),
+                                                        "sets": teacher_rows(args, detector, real)}, "runs": []}
     grid_rows = []
-    if args.grid:
+    if args.grid and not args.no_teacher:
         grid_rows.append(teacher_images(args.teacher, list(range(10)), args.teacher_steps, args.device)[0])
     for name, run, g in zip(names, args.runs, gen_dirs):
         sets = []
@@ -256,8 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n| model | NFE | train min | " + " | ".join(f"fd_lenet set {k}" for k in range(args.sets)) +
           " | fd mean | agreement | precision | recall | spread |")
     print("|---|---|---|" + "---|" * (args.sets + 5))
-    for label, nfe_, train_s, sets in [("teacher", nfe(args.teacher_steps), None, results["teacher"]["sets"])] + \
-            [(r["name"], r["nfe"], r["train_s"], r["sets"]) for r in results["runs"]]:
+    teacher_row = [] if args.no_teacher else [("teacher", nfe(args.teacher_steps), None, results["teacher"]["sets"])]
+    for label, nfe_, train_s, sets in teacher_row + [(r["name"], r["nfe"], r["train_s"], r["sets"])
+                                                     for r in results["runs"]]:
         mean = {m: float(np.mean([s[m] for s in sets])) for m in metrics if m in sets[0]}
         fds = " | ".join(f"{s['fd_lenet']:.1f}" for s in sets)
         minutes = "" if train_s is None else f"{train_s / 60:.1f}"
@@ -265,10 +270,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"{mean['precision']:.3f} | {mean['recall']:.3f} | {mean.get('spread', float('nan')):.3f} |")
     if args.grid:
         save_grid(torch.cat(grid_rows), args.grid, ncols=10)
-        print(f"grid: {args.grid} (rows: teacher, {', '.join(names)})")
+        print(f"grid: {args.grid} (rows: {', '.join(([] if args.no_teacher else ['teacher']) + names)})")
     if args.plot:
-        plot_models([("teacher", results["teacher"]["sets"])] + [(r["name"], r["sets"]) for r in results["runs"]],
-                    args.plot)
+        plot_models(([] if args.no_teacher else [("teacher", results["teacher"]["sets"])]) +
+                    [(r["name"], r["sets"]) for r in results["runs"]], args.plot)
         print(f"plot: {args.plot}")
     results["machine"] = {**machine_info(torch.device("cpu")), "threads_reason": reason}
     write_json(args.out, results)
