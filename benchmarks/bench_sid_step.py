@@ -63,10 +63,12 @@ def save_teacher(preset: str, folder: str, seed: int = 0) -> None:
     random_denoiser(preset, seed).save_pretrained(folder)
 
 
-def build_ours(teacher: str, run_dir: str, batch: int, dtype: str, device: torch.device):
-    """The real SiDLoop through a real Accelerator. accelerate keeps one global state, so it is reset before each
-    Accelerator; an fp32 Accelerator (no native AMP) ignores the state afterwards, a bf16 one reads it at every
-    ``autocast()``, hence fp32 loops are built before bf16 ones (checked by check_autocast)."""
+def build_ours(teacher: str, run_dir: str, batch: int, dtype: str, device: torch.device,
+               compile_backend: str | None = None):
+    """The real SiDLoop through a real Accelerator (with ``compile=true`` and that backend when ``compile_backend``
+    is given). accelerate keeps one global state, so it is reset before each Accelerator; an fp32 Accelerator (no
+    native AMP) ignores the state afterwards, a bf16 one reads it at every ``autocast()``, hence fp32 loops are built
+    before bf16 ones (checked by check_autocast)."""
     from accelerate.state import AcceleratorState
 
     from sid.config import load_config
@@ -76,7 +78,8 @@ def build_ours(teacher: str, run_dir: str, batch: int, dtype: str, device: torch
     AcceleratorState._reset_state(reset_partial_state=True)
     cfg = load_config(None, [f"teacher={teacher}", "data.name=none", "sid.labels=uniform", f"run_dir={run_dir}",
                              f"batch_size={batch}", f"mixed_precision={dtype}", f"cpu={device.type == 'cpu'}",
-                             "eval.metrics=[]"])
+                             "eval.metrics=[]",
+                             *(["compile=true", f"compile_backend={compile_backend}"] if compile_backend else [])])
     return SiDLoop(cfg, make_accelerator(cfg))
 
 
@@ -300,6 +303,27 @@ def try_compile(teacher, batch: int, device: torch.device, dtypes: list[str], li
         return None, dict(ok=False, error=msg, after_s=time.perf_counter() - t0)
 
 
+def warm_compiled_ours(loop, limit_s: float) -> dict:
+    """Run ``warm`` steps of a compiled OURS loop (the first compiles every phase's graphs); the time of each, and
+    ``compile_s`` = first step - the last warm step (the compile time proper)."""
+    step, times = ours_step(loop), []
+    t0 = time.perf_counter()
+    try:
+        with time_limit(limit_s):
+            for _ in range(3):
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+    except Exception as e:  # anything from dynamo / inductor / the C++ compiler: record it and go on
+        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
+        print(f"  OURS compile failed after {time.perf_counter() - t0:.0f} s: {msg}", flush=True)
+        return dict(ok=False, error=msg, seconds=time.perf_counter() - t0)
+    info = dict(ok=True, first_steps_s=times, compile_s=times[0] - times[-1])
+    print(f"  OURS compile ({loop.cfg.mixed_precision}, backend {loop.cfg.compile_backend}): first steps "
+          f"{', '.join(f'{t:.1f}' for t in times)} s", flush=True)
+    return info
+
+
 @contextlib.contextmanager
 def labelled_ranges():
     """Label the forward passes of the main pieces with record_function (during profiling only): S4 kernel
@@ -332,14 +356,15 @@ def labelled_ranges():
                 setattr(obj, name, own)
 
 
-def profile_steps(step, device: torch.device, n_steps: int, top: int = 15) -> dict:
-    """torch.profiler over n_steps OURS iterations: top ops by self CPU time, labelled forward ranges (inclusive),
-    and the autograd backward nodes by inclusive CPU time."""
+def profile_steps(step, device: torch.device, n_steps: int, top: int = 15, labels: bool = True) -> dict:
+    """torch.profiler over n_steps OURS iterations: top ops by self CPU time, labelled forward ranges (inclusive;
+    not for compiled networks, where patching their methods would recompile them), and the autograd backward nodes
+    by inclusive CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    with labelled_ranges(), profile(activities=activities) as prof:
+    with labelled_ranges() if labels else contextlib.nullcontext(), profile(activities=activities) as prof:
         for _ in range(n_steps):
             step()
     wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
@@ -391,16 +416,21 @@ def bench_preset(args, preset: str, device: torch.device, tmp: str) -> dict:
           f"warmup {q['warmup']}, repeats {q['repeats']}", flush=True)
     teacher_dir = str(Path(tmp) / f"teacher-{preset}")
     save_teacher(preset, teacher_dir)
-    loops = {}
+    loops, compiled_loops = {}, {}
     for dtype in [d for d in DTYPES if d in args.dtypes]:
         loops[dtype] = build_ours(teacher_dir, str(Path(tmp) / f"run-{preset}-{dtype}"), batch, dtype, device)
-    for dtype, loop in loops.items():
+        if args.compile:
+            compiled_loops[dtype] = build_ours(teacher_dir, str(Path(tmp) / f"run-{preset}-{dtype}-compile"), batch,
+                                               dtype, device, compile_backend=args.compile_backend)
+    for dtype, loop in [*loops.items(), *compiled_loops.items()]:
         check_autocast(loop, dtype)
+    ours_compile_info = {dtype: warm_compiled_ours(loop, args.compile_limit_s) for dtype, loop in
+                         compiled_loops.items()}
     teacher = next(iter(loops.values())).teacher
     params = sum(p.numel() for p in teacher.parameters())
     plain = PlainSiD(teacher, batch, device)
     compiled, compile_info = None, None
-    if args.compile:
+    if args.compile and args.plain_compile:
         compiled, compile_info = try_compile(teacher, batch, device, args.dtypes, args.compile_limit_s)
 
     # OURS vs PLAIN (and compiled PLAIN), every dtype, interleaved.
@@ -408,6 +438,8 @@ def bench_preset(args, preset: str, device: torch.device, tmp: str) -> dict:
     for dtype, loop in loops.items():
         variants[f"ours/{dtype}"] = ours_step(loop)
         variants[f"plain/{dtype}"] = functools.partial(plain.step, dtype)
+        if ours_compile_info.get(dtype, {}).get("ok"):
+            variants[f"ours+compile/{dtype}"] = ours_step(compiled_loops[dtype])
         if compiled is not None:
             variants[f"plain+compile/{dtype}"] = functools.partial(compiled.step, dtype)
     t0 = time.perf_counter()
@@ -421,8 +453,16 @@ def bench_preset(args, preset: str, device: torch.device, tmp: str) -> dict:
         o, p = steps[f"ours/{dtype}"], steps[f"plain/{dtype}"]
         ratios[f"ours_over_plain/{dtype}"] = o["time_ms"] / p["time_ms"]
         ratios[f"ours_over_plain_cpu/{dtype}"] = o["cpu_time_ms"] / p["cpu_time_ms"]
+        if f"ours+compile/{dtype}" in steps:
+            oc = steps[f"ours+compile/{dtype}"]
+            ratios[f"ours_compile_over_plain/{dtype}"] = oc["time_ms"] / p["time_ms"]
+            ratios[f"plain_over_ours_compile/{dtype}"] = p["time_ms"] / oc["time_ms"]  # the speedup (target 1.3)
+            ratios[f"ours_compile_over_ours/{dtype}"] = oc["time_ms"] / o["time_ms"]
         if compiled is not None:
             ratios[f"plain_compile_over_plain/{dtype}"] = steps[f"plain+compile/{dtype}"]["time_ms"] / p["time_ms"]
+            if f"ours+compile/{dtype}" in steps:
+                ratios[f"ours_compile_over_plain_compile/{dtype}"] = (steps[f"ours+compile/{dtype}"]["time_ms"] /
+                                                                      steps[f"plain+compile/{dtype}"]["time_ms"])
     if "fp32" in loops and "bf16" in loops:
         for who in ("ours", "plain"):
             ratios[f"{who}_bf16_speedup"] = steps[f"{who}/fp32"]["time_ms"] / steps[f"{who}/bf16"]["time_ms"]
@@ -450,10 +490,15 @@ def bench_preset(args, preset: str, device: torch.device, tmp: str) -> dict:
     if args.profile and q["profile_steps"] > 0:
         for dtype, loop in loops.items():
             profiles[dtype] = profile_steps(ours_step(loop), device, q["profile_steps"])
+        for dtype, loop in compiled_loops.items():
+            if ours_compile_info[dtype]["ok"]:
+                profiles[f"{dtype}+compile"] = profile_steps(ours_step(loop), device, q["profile_steps"],
+                                                              labels=False)
+    compiled_loops.clear()
 
     result = dict(preset=preset, image_shape=[channels, res, res], label_dim=label_dim, batch=batch, params=params,
                   warmup=q["warmup"], steps=steps, ratios=ratios, parts=parts, profiles=profiles,
-                  compile=compile_info)
+                  compile=compile_info, ours_compile=ours_compile_info or None)
     del loops, plain
     gc.collect()
     return result
@@ -470,6 +515,11 @@ def print_preset(r: dict) -> None:
         print(f"  {k:<34} {v:6.3f}")
     if r["compile"] and not r["compile"]["ok"]:
         print(f"  torch.compile: {r['compile']['error']}")
+    if r["compile"] and r["compile"]["ok"]:
+        print(f"  PLAIN compile + warm-up (all dtypes): {r['compile']['compile_s']:.1f} s")
+    for dtype, c in (r.get("ours_compile") or {}).items():
+        print(f"  OURS compile ({dtype}): " + (f"{c['compile_s']:.1f} s (first steps "
+              f"{', '.join(f'{t:.1f}' for t in c['first_steps_s'])} s)" if c["ok"] else c["error"]))
     for dtype, p in r["parts"].items():
         print(f"  parts ({dtype}, PLAIN networks, each timed alone):")
         print(f"    {'part':<30} {'ms':>9} {'cpu ms':>9} {'sys ms':>9} {'faults':>9} {'share':>7}")
@@ -503,6 +553,12 @@ def plan(args) -> dict:
                      profile_steps=0 if big else 3, budget_s=300.0)
         if args.batch:
             q["batch"] = args.batch
+        if args.repeats is not None:
+            q["repeats"] = args.repeats
+        if args.parts_repeats is not None:
+            q["parts_repeats"] = args.parts_repeats
+        if args.budget is not None:
+            q["budget_s"] = args.budget
         plans[preset] = q
     return plans
 
@@ -515,7 +571,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--presets", default="small,cifar10", help="comma-separated: tiny, small, cifar10, imagenet64")
     p.add_argument("--batch", type=int, default=None, help="default: 16 / 2 (quick), 32 / 8")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16 (= autocast)")
-    p.add_argument("--compile", action="store_true", help="also time PLAIN on torch.compile'd networks")
+    p.add_argument("--compile", action="store_true",
+                   help="also time OURS with compile=true (config) and PLAIN on torch.compile'd networks")
+    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                   help="compile_backend of OURS with --compile (PLAIN always uses inductor)")
+    p.add_argument("--no-plain-compile", dest="plain_compile", action="store_false",
+                   help="with --compile: time OURS+compile only, not the compiled PLAIN loop")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds of the step comparison (default: plan)")
+    p.add_argument("--parts-repeats", type=int, default=None, help="timed rounds of the parts (0 = skip them)")
+    p.add_argument("--budget", type=float, default=None, help="seconds after which timed rounds stop (default: plan)")
     p.add_argument("--compile-limit", dest="compile_limit_s", type=float, default=600.0,
                    help="seconds allowed for compiling and warming up")
     p.add_argument("--profile", action="store_true", help="torch.profiler on a few OURS steps of the first preset")
@@ -552,11 +616,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nload average: start {info['loadavg_start']}, end {info['loadavg_end']}; total "
           f"{time.perf_counter() - t0:.0f} s")
     config = dict(quick=args.quick, smoke=args.smoke, device=args.device, dtypes=args.dtypes, compile=args.compile,
-                  profile=args.profile, plan=args.plan)
+                  compile_backend=args.compile_backend, plain_compile=args.compile and args.plain_compile,
+                  profile=args.profile, plan=args.plan, argv=sys.argv[1:] if argv is None else argv)
     summary_rows = [dict(preset=r["preset"], batch=r["batch"], dtype=d,
                          ours_images_per_s=r["steps"][f"ours/{d}"]["images_per_s"],
                          plain_images_per_s=r["steps"][f"plain/{d}"]["images_per_s"],
-                         ours_over_plain=r["ratios"][f"ours_over_plain/{d}"])
+                         ours_over_plain=r["ratios"][f"ours_over_plain/{d}"],
+                         **({"ours_compile_images_per_s": r["steps"][f"ours+compile/{d}"]["images_per_s"],
+                             "plain_over_ours_compile": r["ratios"][f"plain_over_ours_compile/{d}"]}
+                            if f"ours+compile/{d}" in r["steps"] else {}))
                     for r in presets for d in args.dtypes]
     result = dict(machine=info, config=config, summary=summary_rows, presets=presets,
                   notes=("time_ms / cpu_time_ms: medians of interleaved repeats (wall; process CPU time of all "
