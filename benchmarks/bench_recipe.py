@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
                    default=str(ROOT / "benchmarks" / "results" / "bench_recipe_teacher.json"))
     p.add_argument("--samples", type=int, default=2000, help="samples per seed set")
     p.add_argument("--sets", type=int, default=2, help="disjoint seed sets")
-    p.add_argument("--grid", default=None, help="PNG: 10 samples (seeds 0-9) of the teacher and each run, a row each")
+    p.add_argument("--grid", default=None, help="PNG: samples of seeds 0..G-1 of the teacher and each run, a row each")
+    p.add_argument("--grid-seeds", dest="grid_seeds", type=int, default=10, help="G (default 10)")
     p.add_argument("--plot", default=None, help="PNG: fd_lenet per seed set and class agreement of every model")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="where the networks sample (cpu | cuda); features on the CPU")
@@ -243,8 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"teacher": None if args.no_teacher else {"path": args.teacher, "nfe": nfe(args.teacher_steps),
                                                         "sets": teacher_rows(args, detector, real)}, "runs": []}
     grid_rows = []
-    if args.grid and not args.no_teacher:
-        grid_rows.append(teacher_images(args.teacher, list(range(10)), args.teacher_steps, args.device)[0])
+    if args.grid:  # the teacher row costs only G Heun samples, so it is drawn even with --no-teacher
+        grid_rows.append(teacher_images(args.teacher, list(range(args.grid_seeds)), args.teacher_steps,
+                                        args.device)[0])
     for name, run, g in zip(names, args.runs, gen_dirs):
         sets = []
         for k in range(args.sets):
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                     args.device)
             sets.append(measure(images, labels, detector, real, k))
         if args.grid:
-            grid_rows.append(generator_images(g, list(range(10)), args.device)[0])
+            grid_rows.append(generator_images(g, list(range(args.grid_seeds)), args.device)[0])
         results["runs"].append({"name": name, "run": run, "nfe": steps, "train_s": run_train_seconds(run),
                                 "sets": sets})
     # The table, one row per model, each seed set and the mean.
@@ -269,8 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {label} | {nfe_} | {minutes} | {fds} | {mean['fd_lenet']:.1f} | {mean.get('agreement', float('nan')):.3f} | "
               f"{mean['precision']:.3f} | {mean['recall']:.3f} | {mean.get('spread', float('nan')):.3f} |")
     if args.grid:
-        save_grid(torch.cat(grid_rows), args.grid, ncols=10)
-        print(f"grid: {args.grid} (rows: {', '.join(([] if args.no_teacher else ['teacher']) + names)})")
+        save_grid(torch.cat(grid_rows), args.grid, ncols=args.grid_seeds)
+        print(f"grid: {args.grid} (rows: {', '.join(['teacher'] + names)})")
     if args.plot:
         plot_models(([] if args.no_teacher else [("teacher", results["teacher"]["sets"])]) +
                     [(r["name"], r["sets"]) for r in results["runs"]], args.plot)

@@ -163,10 +163,10 @@ def test_help_describes_keys_with_the_default_runs_values():
     keys = out.split("keys (key=value")[1].splitlines()[1:]
     rows = {ln.split()[0]: ln for ln in keys if ln.strip()}
     assert "kind" in rows and "sid.alpha" in rows and "trackers" in rows and "keep_checkpoints" in rows
-    # configs/sid/mnist5k.yaml sets these; the schema's defaults differ (1e-05, fp32).
+    # configs/sid/mnist5k.yaml sets these; the schema's defaults differ (1e-05, halflife, false).
     lr = rows["sid.lr_generator"]
     assert lr.split()[1] == "0.0001" and "learning rate of the generator" in lr
-    assert rows["mixed_precision"].split()[1] == "bf16"
+    assert rows["ema.kind"].split()[1] == "power" and rows["sid.sida.enabled"].split()[1] == "true"
     assert "'eval.metrics=[]'" in out and "--multi_gpu" in out
     undocumented = [k for k, ln in rows.items() if len(ln.split()) < 3]
     assert not undocumented, undocumented
