@@ -29,7 +29,14 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import load_average, machine_info, machine_line, pick_threads, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    load_average,
+    machine_info,
+    machine_line,
+    pick_threads,
+    run_train_seconds,
+    write_json,
+)
 from sid.config import DataConfig, UserError, load_config  # noqa: E402
 from sid.data import load_dataset, to_uint8  # noqa: E402
 from sid.detectors import load_lenet  # noqa: E402
@@ -118,18 +125,6 @@ def read_curve(run_dir: str, metric: str = "fd_lenet") -> list[tuple[float, floa
             if metric in rec:
                 curve.append((float(rec["kimg"]), float(rec[metric])))
     return sorted(curve)
-
-
-def wall_seconds(run_dir: str) -> float | None:
-    """Training wall time from stats.jsonl: sum of sec_per_kimg * kimg per tick (metrics included)."""
-    total, prev = 0.0, 0.0
-    with open(os.path.join(run_dir, "stats.jsonl")) as fh:
-        for line in fh:
-            rec = json.loads(line)
-            if "sec_per_kimg" in rec:
-                total += rec["sec_per_kimg"] * (rec["kimg"] - prev)
-                prev = rec["kimg"]
-    return total or None
 
 
 def grids_side_by_side(panels: list[tuple[str, str | torch.Tensor]], out: str) -> None:
@@ -251,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
             panels += [(f"generator, 1 NFE, {kimg_of(grids[0]):g} kimg", grids[0]),
                        (f"generator, 1 NFE, {kimg_of(grids[-1]):g} kimg", grids[-1])]
         grids_side_by_side(panels, str(grids_png))
-        run_wall = wall_seconds(run_dir)
+        run_wall = run_train_seconds(run_dir)
         generator_dir = os.path.join(run_dir, "generator")
         generator_agree = generator_agreement(generator_dir, num_samples, bf16, DEFAULT_LENET) \
             if os.path.isdir(generator_dir) else None

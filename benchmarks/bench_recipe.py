@@ -35,15 +35,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine_info, pick_threads, write_json  # noqa: E402
+from benchmarks.common import machine_info, pick_threads, run_train_seconds, write_json  # noqa: E402
 from sid.config import DataConfig, UserError  # noqa: E402
 from sid.data import load_dataset, to_uint8  # noqa: E402
 from sid.detectors import LeNetDetector  # noqa: E402
+from sid.generator import seed_step_noise  # noqa: E402
 from sid.metrics import frechet_distance  # noqa: E402
 from sid.runs import save_grid  # noqa: E402
 from sid.sampling import edm_sampler, nfe, seed_labels, seed_latents  # noqa: E402
 from sid.teachers import load_generator, load_teacher  # noqa: E402
-from sid.generator import seed_step_noise  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEACHER = str(ROOT / "assets" / "teachers" / "mnist5k")
@@ -61,8 +61,7 @@ class RealFeatures:
         self.features, self.labels = feats, torch.as_tensor(labels).long()
         self.mu = feats.mean(0).numpy()
         self.cov = np.cov(feats.numpy(), rowvar=False)
-        self.class_trace = {c: float(torch.var(feats[self.labels == c], dim=0, unbiased=True).sum())
-                            for c in range(int(self.labels.max()) + 1)}
+        self.class_trace = {c: class_trace(feats, self.labels, c) for c in range(int(self.labels.max()) + 1)}
 
 
 def knn_radii(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -80,6 +79,17 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = K_NN) -> t
     return precision, recall
 
 
+def class_trace(features: torch.Tensor, labels: torch.Tensor, c: int) -> float:
+    """trace(cov) of the features of class c: the sum of the per-dimension unbiased variances."""
+    return float(torch.var(features[labels == c], dim=0, unbiased=True).sum())
+
+
+def class_spread(features: torch.Tensor, labels: torch.Tensor, real_traces: dict[int, float]) -> float:
+    """Mean over the classes with two samples or more of trace(cov(features of c)) / the real images' trace."""
+    return float(np.mean([class_trace(features, labels, c) / tr for c, tr in real_traces.items()
+                          if int((labels == c).sum()) > 1]))
+
+
 def measure(images: torch.Tensor, labels: torch.Tensor | None, detector: LeNetDetector, real: RealFeatures,
             set_index: int) -> dict:
     feats = torch.cat([detector(images[i:i + 500]) for i in range(0, len(images), 500)]).double()
@@ -91,9 +101,7 @@ def measure(images: torch.Tensor, labels: torch.Tensor | None, detector: LeNetDe
     if labels is not None:
         logits = torch.cat([detector.logits(images[i:i + 500]) for i in range(0, len(images), 500)])
         out["agreement"] = float((logits.argmax(1) == labels).double().mean())
-        ratios = [float(torch.var(feats[labels == c], dim=0, unbiased=True).sum()) / tr
-                  for c, tr in real.class_trace.items() if int((labels == c).sum()) > 1]
-        out["spread"] = float(np.mean(ratios))
+        out["spread"] = class_spread(feats, labels, real.class_trace)
     return out
 
 
@@ -154,8 +162,10 @@ def teacher_rows(args, detector, real) -> list[dict]:
               flush=True)
         cache[key] = {"teacher": args.teacher, "nfe": nfe(args.teacher_steps), "sets": rows}
         os.makedirs(os.path.dirname(args.teacher_cache) or ".", exist_ok=True)
-        with open(args.teacher_cache, "w") as fh:
+        tmp = args.teacher_cache + ".tmp"  # written whole, then renamed: an interrupted run leaves the old cache
+        with open(tmp, "w") as fh:
             json.dump(cache, fh, indent=1)
+        os.replace(tmp, args.teacher_cache)
     return rows[:args.sets]
 
 
@@ -190,21 +200,6 @@ def plot_models(models: list[tuple[str, list[dict]]], out: str) -> None:
     plt.close(fig)
 
 
-def run_train_seconds(run_dir: str) -> float | None:
-    """Training time of a run (evaluations excluded): sec_per_kimg x kimg of each tick in stats.jsonl."""
-    path = os.path.join(run_dir, "stats.jsonl")
-    if not os.path.isfile(path):
-        return None
-    total, prev = 0.0, 0.0
-    with open(path) as fh:
-        for line in fh:
-            rec = json.loads(line)
-            if "sec_per_kimg" in rec:
-                total += rec["sec_per_kimg"] * (rec["kimg"] - prev)
-                prev = rec["kimg"]
-    return total if prev > 0 else None
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--runs", nargs="*", default=[], help="sid run directories (or generator folders); none: only the "
@@ -228,6 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
     reason = pick_threads(torch.device("cpu"), args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} was asked for, but torch sees no CUDA device; use --device cpu")
+    for flag, value in (("--samples", args.samples), ("--sets", args.sets), ("--grid-seeds", args.grid_seeds),
+                        ("--teacher-steps", args.teacher_steps)):
+        if value < 1:
+            raise UserError(f"{flag} is {value}, expected a positive integer")
     names = args.names.split(",") if args.names else [os.path.basename(os.path.normpath(r)) for r in args.runs]
     if len(names) != len(args.runs):
         raise UserError(f"--names has {len(names)} labels for {len(args.runs)} runs; expected one per run")
@@ -259,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "sets": sets})
     # The table, one row per model, each seed set and the mean.
     metrics = ["fd_lenet", "agreement", "precision", "recall", "spread"]
-    print(f"\n| model | NFE | train min | " + " | ".join(f"fd_lenet set {k}" for k in range(args.sets)) +
+    print("\n| model | NFE | train min | " + " | ".join(f"fd_lenet set {k}" for k in range(args.sets)) +
           " | fd mean | agreement | precision | recall | spread |")
     print("|---|---|---|" + "---|" * (args.sets + 5))
     teacher_row = [] if args.no_teacher else [("teacher", nfe(args.teacher_steps), None, results["teacher"]["sets"])]
@@ -268,8 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
         mean = {m: float(np.mean([s[m] for s in sets])) for m in metrics if m in sets[0]}
         fds = " | ".join(f"{s['fd_lenet']:.1f}" for s in sets)
         minutes = "" if train_s is None else f"{train_s / 60:.1f}"
-        print(f"| {label} | {nfe_} | {minutes} | {fds} | {mean['fd_lenet']:.1f} | {mean.get('agreement', float('nan')):.3f} | "
-              f"{mean['precision']:.3f} | {mean['recall']:.3f} | {mean.get('spread', float('nan')):.3f} |")
+        print(f"| {label} | {nfe_} | {minutes} | {fds} | {mean['fd_lenet']:.1f} | "
+              f"{mean.get('agreement', float('nan')):.3f} | {mean['precision']:.3f} | {mean['recall']:.3f} | "
+              f"{mean.get('spread', float('nan')):.3f} |")
     if args.grid:
         save_grid(torch.cat(grid_rows), args.grid, ncols=args.grid_seeds)
         print(f"grid: {args.grid} (rows: {', '.join(['teacher'] + names)})")

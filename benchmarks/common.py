@@ -194,3 +194,20 @@ def random_denoiser(preset: str, seed: int = 0):
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return net
+
+
+def run_train_seconds(run_dir: str | Path) -> float | None:
+    """Training time of a run from its stats.jsonl: the sum of sec_per_kimg x kimg over the ticks. A tick's clock
+    stops before its evaluation and restarts after it, so metrics are excluded; grids and checkpoints are counted.
+    None when the run has no stats file or no tick."""
+    path = Path(run_dir) / "stats.jsonl"
+    if not path.is_file():
+        return None
+    total, prev = 0.0, 0.0
+    with open(path) as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if "sec_per_kimg" in rec:
+                total += rec["sec_per_kimg"] * (rec["kimg"] - prev)
+                prev = rec["kimg"]
+    return total if prev > 0 else None

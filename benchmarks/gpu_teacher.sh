@@ -87,8 +87,11 @@ kimg=$(awk "BEGIN { printf \"%.3f\", $nimg / 1000 }")
 echo "gpu_teacher.sh: exporting the EMA at $kimg kimg ($newest)"
 "$py" train.py --config "$config" "${common[@]}" "${overrides[@]}" resume="$newest" total_kimg="$kimg" > "$outdir/export.log" 2>&1 \
     || { echo "gpu_teacher.sh: export failed; see $outdir/export.log" >&2; exit 6; }
+# Copied whole, then swapped in: an interrupted copy never leaves a half-written denoiser/ folder.
+rm -rf "$outdir/.denoiser.tmp"
+cp -r "$run/denoiser" "$outdir/.denoiser.tmp"
 rm -rf "$outdir/denoiser"
-cp -r "$run/denoiser" "$outdir/denoiser"
+mv "$outdir/.denoiser.tmp" "$outdir/denoiser"
 train_s=$(( $(date +%s) - start ))
 
 echo "gpu_teacher.sh: measuring (2 x $samples samples, $((2 * steps - 1)) NFE)"

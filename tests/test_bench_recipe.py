@@ -12,7 +12,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.bench_recipe import knn_radii, precision_recall  # noqa: E402
+from benchmarks.bench_recipe import class_spread, knn_radii, precision_recall  # noqa: E402
 
 
 def test_knn_radius_is_distance_to_kth_other_point():
@@ -32,6 +32,20 @@ def test_precision_recall_identical_disjoint_and_collapsed():
     collapsed = real[:1] + 1e-3 * torch.randn(300, 8, generator=g, dtype=torch.float64)
     precision, recall = precision_recall(real, collapsed)
     assert precision == 1.0 and recall < 0.05
+
+
+def test_class_spread_is_one_for_the_data_and_zero_for_one_sample_per_class():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    labels = torch.arange(400) % 4
+    traces = {c: float(feats[labels == c].var(0, unbiased=True).sum()) for c in range(4)}
+    assert class_spread(feats, labels, traces) == 1.0
+    # Twice the spread in every dimension: variances x4; all of a class identical: 0.
+    assert abs(class_spread(2 * feats, labels, traces) - 4.0) < 1e-12
+    assert class_spread(labels[:, None].double().expand(-1, 6), labels, traces) == 0.0
+    # Classes with fewer than two samples are left out: of labels 0, 1, 2, 3, 0 only class 0 counts.
+    only0 = float(feats[[0, 4]].var(0, unbiased=True).sum()) / traces[0]
+    assert abs(class_spread(feats[:5], labels[:5], traces) - only0) < 1e-12
 
 
 def test_script_end_to_end_and_teacher_cache(tmp_path, tiny_teacher_32):
@@ -69,3 +83,5 @@ def test_script_end_to_end_and_teacher_cache(tmp_path, tiny_teacher_32):
     proc = subprocess.run(cmd[:3] + [str(tmp_path)] + cmd[4:], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and "has no exported generator" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(cmd + ["--sets", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--sets is 0" in proc.stderr and "Traceback" not in proc.stderr
