@@ -52,6 +52,8 @@ class TeacherConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas
     weight_decay: float = 0.0  # AdamW weight decay (not on SSM parameters)
     warmup_kimg: float = 10.0  # linear learning-rate warm-up
+    lr_decay_kimg: float = 0.0  # EDM2 inverse-sqrt decay: lr / sqrt(max(kimg / lr_decay_kimg, 1)); 0 = constant
+    init: str | None = None  # start weights and EMA from this sid denoiser folder (continue / fine-tune a teacher)
     grad_clip: float | None = None  # max global gradient norm; None = off
     label_dropout: float = 0.1  # probability of the null label, for classifier-free guidance
     P_mean: float = -1.2  # EDM lognormal sigma distribution
@@ -242,6 +244,7 @@ def load_config(config_file: str | None = None, overrides: list[str] | None = No
     obj = OmegaConf.to_object(cfg)
     obj.teacher = project_path(obj.teacher)
     obj.sid.init_generator = project_path(obj.sid.init_generator)
+    obj.train.init = project_path(obj.train.init)
     obj.eval.lenet = project_path(obj.eval.lenet)
     validate(obj)
     return obj
@@ -337,6 +340,13 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     _require(t.grad_clip is None or t.grad_clip > 0, f"config key 'train.grad_clip' is {t.grad_clip}, "
              "expected a positive number or null")
     _check_betas("train.betas", t.betas)
+    _require(t.warmup_kimg >= 0 and math.isfinite(t.warmup_kimg), f"config key 'train.warmup_kimg' is "
+             f"{t.warmup_kimg}, expected a number >= 0")
+    _require(t.lr_decay_kimg >= 0 and math.isfinite(t.lr_decay_kimg), f"config key 'train.lr_decay_kimg' is "
+             f"{t.lr_decay_kimg}, expected a number >= 0 (0 = constant learning rate)")
+    if t.init is not None:
+        _require(os.path.isfile(os.path.join(t.init, "config.json")), f"config key 'train.init' is '{t.init}', "
+                 "expected a sid denoiser folder (with config.json and the weights)")
     # Distillation.
     s = cfg.sid
     _require(0 < s.tmax <= 1000, f"config key 'sid.tmax' is {s.tmax}, expected a value in (0, 1000]")

@@ -33,6 +33,33 @@ def build_denoiser(cfg: Config, resolution: int, channels: int, label_dim: int) 
     return EDMPrecond(backbone, sigma_data=cfg.train.sigma_data)
 
 
+def init_denoiser(path: str, dataset, sigma_data: float) -> EDMPrecond:
+    """The denoiser saved in ``path`` (``train.init``), checked against the dataset it will be trained on."""
+    from .teachers.sid_folder import load_sid
+
+    net = load_sid(path)
+    got = (net.img_resolution, net.img_channels, net.label_dim)
+    want = (dataset.resolution, dataset.channels, dataset.num_classes)
+    if got != want:
+        raise UserError(f"config key 'train.init' is '{path}', a denoiser for (resolution, channels, classes) = "
+                        f"{got}, but the data has {want}")
+    if net.sigma_data != sigma_data:
+        raise UserError(f"config key 'train.sigma_data' is {sigma_data}, but '{path}' was trained with "
+                        f"sigma_data {net.sigma_data}; set train.sigma_data={net.sigma_data}")
+    return net
+
+
+def lr_factor(cur_nimg: int, warmup_kimg: float, decay_kimg: float) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup_kimg``, then EDM2's inverse-square-root decay
+    ``1 / sqrt(max(kimg / decay_kimg, 1))`` when ``decay_kimg > 0``. Depends only on ``cur_nimg`` (not on the run
+    length), so a stopped-and-resumed run and a longer run follow the same schedule."""
+    kimg = cur_nimg / 1000
+    factor = min(kimg / warmup_kimg, 1.0) if warmup_kimg > 0 else 1.0
+    if decay_kimg > 0:
+        factor /= max(kimg / decay_kimg, 1.0) ** 0.5
+    return factor
+
+
 class TeacherLoop(TrainingLoop):
     kind = "teacher"
 
@@ -42,9 +69,15 @@ class TeacherLoop(TrainingLoop):
         self.log(f"data: {self.dataset.describe()}")
         self.label_dim = self.dataset.num_classes
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
-        net = build_denoiser(cfg, self.dataset.resolution, self.dataset.channels, self.label_dim)
-        n_params = sum(p.numel() for p in net.parameters())
-        self.log(f"network: {cfg.network.preset} preset, {n_params / 1e6:.2f} M parameters")
+        if cfg.train.init is None:
+            net = build_denoiser(cfg, self.dataset.resolution, self.dataset.channels, self.label_dim)
+            n_params = sum(p.numel() for p in net.parameters())
+            self.log(f"network: {cfg.network.preset} preset, {n_params / 1e6:.2f} M parameters")
+        else:
+            net = init_denoiser(cfg.train.init, self.dataset, cfg.train.sigma_data)
+            n_params = sum(p.numel() for p in net.parameters())
+            self.log(f"network: from {cfg.train.init} (its config.json; network.preset is not used), "
+                     f"{n_params / 1e6:.2f} M parameters")
         t = cfg.train
         opt = torch.optim.AdamW(param_groups(net, t.lr, t.ssm_lr, t.weight_decay), betas=tuple(t.betas))
         self.net, self.opt = accelerator.prepare(net, opt)
@@ -67,10 +100,9 @@ class TeacherLoop(TrainingLoop):
         cfg, t = self.cfg, self.cfg.train
         if self.batches is None:
             self.batches = self._batch_iter()
-        # Learning-rate warm-up.
-        warm = min(self.cur_nimg / max(t.warmup_kimg * 1000, 1e-8), 1.0)
+        factor = lr_factor(self.cur_nimg, t.warmup_kimg, t.lr_decay_kimg)
         for g in self.opt.param_groups:
-            g["lr"] = g["base_lr"] * warm if t.warmup_kimg > 0 else g["base_lr"]
+            g["lr"] = g["base_lr"] * factor
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)

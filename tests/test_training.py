@@ -78,6 +78,39 @@ def test_teacher_resume_equals_uninterrupted(tmp_path):
         assert_same_state(a[key], b[key])
 
 
+def test_teacher_init_continues_from_a_denoiser_folder(tmp_path, tiny_teacher, tiny_teacher_32):
+    from sid.teachers import load_teacher
+    from sid.train_teacher import TeacherLoop
+
+    args = [*TEACHER_ARGS, f"run_dir={tmp_path / 'a'}", "total_kimg=0.032", f"train.init={tiny_teacher}"]
+    cfg = load_config(None, args)
+    from accelerate import Accelerator
+
+    loop = TeacherLoop(cfg, Accelerator(cpu=True))
+    start = load_teacher(tiny_teacher).state_dict()
+    assert_same_state(loop.accelerator.unwrap_model(loop.net).state_dict(), start)
+    assert_same_state(loop.ema.model.state_dict(), start)
+    # A denoiser made for other data is refused with one sentence naming both shapes.
+    bad = load_config(None, [*TEACHER_ARGS, f"run_dir={tmp_path / 'b'}", f"train.init={tiny_teacher_32}"])
+    with pytest.raises(UserError, match=r"train.init.*\(32, 1, 10\).*\(16, 1, 10\)"):
+        TeacherLoop(bad, Accelerator(cpu=True))
+    with pytest.raises(UserError, match="train.init.*expected a sid denoiser folder"):
+        load_config(None, [*TEACHER_ARGS, f"train.init={tmp_path / 'missing'}"])
+
+
+def test_teacher_lr_schedule():
+    from sid.train_teacher import lr_factor
+
+    assert lr_factor(0, 0, 0) == 1.0 and lr_factor(10_000_000, 0, 0) == 1.0
+    assert lr_factor(500, 2, 0) == pytest.approx(0.25) and lr_factor(2000, 2, 0) == 1.0
+    # EDM2's inverse square root after lr_decay_kimg, independent of the run length.
+    assert lr_factor(40_000, 2, 50) == 1.0
+    assert lr_factor(200_000, 2, 50) == pytest.approx(0.5)
+    assert lr_factor(450_000, 2, 50) == pytest.approx(1 / 3)
+    with pytest.raises(UserError, match="train.lr_decay_kimg"):
+        load_config(None, [*TEACHER_ARGS, "train.lr_decay_kimg=-1"])
+
+
 def test_fresh_run_refuses_to_overwrite(tmp_path):
     args = [*TEACHER_ARGS, f"run_dir={tmp_path}", "total_kimg=0.064"]
     run(load_config(None, args))
