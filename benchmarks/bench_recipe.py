@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -200,6 +201,44 @@ def plot_models(models: list[tuple[str, list[dict]]], out: str) -> None:
     plt.close(fig)
 
 
+def run_curve(run_dir: str, metric: str = "fd_lenet") -> list[tuple[float, float]]:
+    """(kimg, value) of every evaluation the trainer logged in ``run_dir/stats.jsonl`` (empty when none)."""
+    path = os.path.join(run_dir, "stats.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return [(float(r["kimg"]), float(r[metric])) for r in rows if metric in r]
+
+
+def plot_curves(curves: list[tuple[str, list[tuple[float, float]]]], teacher: float | None, out: str) -> None:
+    """fd_lenet against kimg for each run (runs whose labels share the part before the last '/' or ' seed' share a
+    colour), with the teacher's value as a dashed line; log scale, since the first evaluations are far off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    groups: dict[str, str] = {}
+    for name, pts in curves:
+        if not pts:
+            continue
+        group = re.split(r"/| seed", name)[0]
+        color = groups.setdefault(group, f"C{len(groups)}")
+        ax.plot([k for k, _ in pts], [v for _, v in pts], "-o", ms=3, color=color, label=name)
+    if teacher is not None:
+        ax.axhline(teacher, color="k", ls="--", lw=1, label=f"teacher, 35 NFE ({teacher:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("kimg")
+    ax.set_ylabel("fd_lenet (trainer's evaluations)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--runs", nargs="*", default=[], help="sid run directories (or generator folders); none: only the "
@@ -216,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--grid", default=None, help="PNG: samples of seeds 0..G-1 of the teacher and each run, a row each")
     p.add_argument("--grid-seeds", dest="grid_seeds", type=int, default=10, help="G (default 10)")
     p.add_argument("--plot", default=None, help="PNG: fd_lenet per seed set and class agreement of every model")
+    p.add_argument("--curves", default=None, help="PNG: the fd_lenet the trainer logged against kimg, one line per "
+                   "run, with the teacher's mean as a dashed line")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="where the networks sample (cpu | cuda); features on the CPU")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_recipe.json"))
@@ -277,6 +318,10 @@ def main(argv: list[str] | None = None) -> dict:
         plot_models(([] if args.no_teacher else [("teacher", results["teacher"]["sets"])]) +
                     [(r["name"], r["sets"]) for r in results["runs"]], args.plot)
         print(f"plot: {args.plot}")
+    if args.curves:
+        teacher_fd = None if args.no_teacher else float(np.mean([s["fd_lenet"] for s in results["teacher"]["sets"]]))
+        plot_curves([(r["name"], run_curve(r["run"])) for r in results["runs"]], teacher_fd, args.curves)
+        print(f"curves: {args.curves}")
     results["machine"] = {**machine_info(torch.device("cpu")), "threads_reason": reason}
     write_json(args.out, results)
     return results

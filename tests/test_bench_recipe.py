@@ -12,7 +12,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.bench_recipe import class_spread, knn_radii, precision_recall  # noqa: E402
+from benchmarks.bench_recipe import class_spread, knn_radii, precision_recall, run_curve  # noqa: E402
 
 
 def test_knn_radius_is_distance_to_kth_other_point():
@@ -55,12 +55,13 @@ def test_script_end_to_end_and_teacher_cache(tmp_path, tiny_teacher_32):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_teacher_32, run_dir / "generator")
     (run_dir / "generator" / "sid_generator.json").write_text(json.dumps({"sigma_init": 2.5, "generator_steps": 1}))
-    (run_dir / "stats.jsonl").write_text('{"kimg": 1.0, "sec_per_kimg": 30.0}\n{"kimg": 3.0, "sec_per_kimg": 60.0}\n')
+    (run_dir / "stats.jsonl").write_text('{"kimg": 1.0, "sec_per_kimg": 30.0}\n'
+                                        '{"kimg": 3.0, "sec_per_kimg": 60.0, "fd_lenet": 50.0}\n')
     cache, out = tmp_path / "teacher.json", tmp_path / "recipe.json"
     cmd = [sys.executable, "benchmarks/bench_recipe.py", "--runs", str(run_dir), "--names", "tiny", "--teacher",
            str(tiny_teacher_32), "--teacher-steps", "2", "--samples", "40", "--sets", "2", "--teacher-cache",
            str(cache), "--out", str(out), "--threads", "1", "--grid", str(tmp_path / "grid.png"), "--plot",
-           str(tmp_path / "plot.png")]
+           str(tmp_path / "plot.png"), "--curves", str(tmp_path / "curves.png")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -72,7 +73,9 @@ def test_script_end_to_end_and_teacher_cache(tmp_path, tiny_teacher_32):
         assert 0 <= row["agreement"] <= 1 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
         assert row["spread"] > 0
     assert result["teacher"]["nfe"] == 3
-    assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "plot.png").stat().st_size > 0
+    for name in ("grid.png", "plot.png", "curves.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert run_curve(str(run_dir)) == [(3.0, 50.0)] and run_curve(str(tmp_path)) == []
     assert "| tiny | 1 |" in proc.stdout
     # The second call reads the teacher's rows from the cache (no "teacher set" lines printed).
     cached = json.loads(cache.read_text())

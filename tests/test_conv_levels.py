@@ -46,7 +46,7 @@ def test_res_block_matches_written_out_reference():
     h = F.conv2d(F.silu(h), block.conv2.weight, block.conv2.bias, padding=1)
     ref = h + F.conv2d(x, block.skip.weight, block.skip.bias)
     torch.testing.assert_close(block(x, c), ref, atol=1e-5, rtol=1e-5)
-    assert group_count(8) == 2 and group_count(12) == 2 and group_count(32) == 8 and group_count(64) == 8 and group_count(3) == 1
+    assert [group_count(c) for c in (8, 12, 32, 64, 3)] == [2, 2, 8, 8, 1]
 
 
 def test_save_load_round_trip(tmp_path):
