@@ -41,7 +41,7 @@ from sid.config import DataConfig, UserError  # noqa: E402
 from sid.data import load_dataset, to_uint8  # noqa: E402
 from sid.detectors import LeNetDetector  # noqa: E402
 from sid.generator import seed_step_noise  # noqa: E402
-from sid.metrics import frechet_distance  # noqa: E402
+from sid.metrics import frechet_distance, metric_curve  # noqa: E402
 from sid.runs import save_grid  # noqa: E402
 from sid.sampling import edm_sampler, nfe, seed_labels, seed_latents  # noqa: E402
 from sid.teachers import load_generator, load_teacher  # noqa: E402
@@ -202,13 +202,11 @@ def plot_models(models: list[tuple[str, list[dict]]], out: str) -> None:
 
 
 def run_curve(run_dir: str, metric: str = "fd_lenet") -> list[tuple[float, float]]:
-    """(kimg, value) of every evaluation the trainer logged in ``run_dir/stats.jsonl`` (empty when none)."""
+    """(kimg, value) of every evaluation the trainer logged in ``run_dir/stats.jsonl`` (empty when none). With
+    ``eval.seed_sets`` > 1 the trainer's ``metric`` is a mean over sets; its first set (``<metric>_set0``, the seeds
+    0..N-1) is taken instead, so the curve and the teacher's first-set line measure the same seeds."""
     path = os.path.join(run_dir, "stats.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    return [(float(r["kimg"]), float(r[metric])) for r in rows if metric in r]
+    return metric_curve(path, f"{metric}_set0") or metric_curve(path, metric)
 
 
 def plot_curves(curves: list[tuple[str, list[tuple[float, float]]]], teacher: float | None, out: str) -> None:

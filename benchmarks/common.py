@@ -206,7 +206,10 @@ def run_train_seconds(run_dir: str | Path) -> float | None:
     total, prev = 0.0, 0.0
     with open(path) as fh:
         for line in fh:
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+                continue
             if "sec_per_kimg" in rec:
                 total += rec["sec_per_kimg"] * (rec["kimg"] - prev)
                 prev = rec["kimg"]

@@ -475,19 +475,10 @@ def append_jsonl(path: str, records: Sequence[dict], accelerator: Any = None) ->
         f.flush()
 
 
-def plot_fd_vs_kimg(stats_jsonl_path: str, out_png: str, metric: str = "fd_lenet", teacher_value: float | None = None,
-                    teacher_label: str = "teacher (35 NFE)") -> str | None:
-    """Plot ``metric`` against ``kimg`` from a ``stats.jsonl``; the teacher's value as a dashed line.
-
-    Lines without both keys, or not valid JSON (a run killed mid-write), are skipped. Returns ``out_png``, or None
-    when there is nothing to draw. Written atomically.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kimg, values = [], []
+def metric_curve(stats_jsonl_path: str, metric: str = "fd_lenet") -> list[tuple[float, float]]:
+    """(kimg, value) of every line of a ``stats.jsonl`` that carries ``metric``, sorted by kimg. Lines without both
+    keys, with non-finite values, or not valid JSON (a run killed mid-write) are skipped; no file: empty."""
+    points = []
     if os.path.isfile(stats_jsonl_path):
         with open(stats_jsonl_path) as f:
             for line in f:
@@ -497,12 +488,24 @@ def plot_fd_vs_kimg(stats_jsonl_path: str, out_png: str, metric: str = "fd_lenet
                 except (ValueError, KeyError, TypeError):
                     continue
                 if math.isfinite(k) and math.isfinite(v):
-                    kimg.append(k)
-                    values.append(v)
+                    points.append((k, v))
+    return sorted(points, key=lambda p: p[0])
+
+
+def plot_fd_vs_kimg(stats_jsonl_path: str, out_png: str, metric: str = "fd_lenet", teacher_value: float | None = None,
+                    teacher_label: str = "teacher (35 NFE)") -> str | None:
+    """Plot ``metric`` against ``kimg`` from a ``stats.jsonl`` (read by :func:`metric_curve`); the teacher's value as
+    a dashed line. Returns ``out_png``, or None when there is nothing to draw. Written atomically.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = metric_curve(stats_jsonl_path, metric)
+    kimg, values = [k for k, _ in points], [v for _, v in points]
     if not values and teacher_value is None:
         return None
-    order = np.argsort(kimg, kind="stable")
-    kimg, values = np.asarray(kimg)[order], np.asarray(values)[order]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     if len(values):
         ax.plot(kimg, values, "o-", ms=3, label=f"one-step generator ({metric})")

@@ -55,8 +55,9 @@ def test_script_end_to_end_and_teacher_cache(tmp_path, tiny_teacher_32):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_teacher_32, run_dir / "generator")
     (run_dir / "generator" / "sid_generator.json").write_text(json.dumps({"sigma_init": 2.5, "generator_steps": 1}))
+    # The last line was cut off mid-write, as a killed run leaves it.
     (run_dir / "stats.jsonl").write_text('{"kimg": 1.0, "sec_per_kimg": 30.0}\n'
-                                        '{"kimg": 3.0, "sec_per_kimg": 60.0, "fd_lenet": 50.0}\n')
+                                        '{"kimg": 3.0, "sec_per_kimg": 60.0, "fd_lenet": 50.0}\n{"kimg": 4.0, "fd_')
     cache, out = tmp_path / "teacher.json", tmp_path / "recipe.json"
     cmd = [sys.executable, "benchmarks/bench_recipe.py", "--runs", str(run_dir), "--names", "tiny", "--teacher",
            str(tiny_teacher_32), "--teacher-steps", "2", "--samples", "40", "--sets", "2", "--teacher-cache",
@@ -76,6 +77,11 @@ def test_script_end_to_end_and_teacher_cache(tmp_path, tiny_teacher_32):
     for name in ("grid.png", "plot.png", "curves.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert run_curve(str(run_dir)) == [(3.0, 50.0)] and run_curve(str(tmp_path)) == []
+    # With several seed sets the trainer's first set is the curve (the seeds of the teacher's first-set line).
+    sets = tmp_path / "sets"
+    sets.mkdir()
+    (sets / "stats.jsonl").write_text('{"kimg": 2.0, "fd_lenet": 40.0, "fd_lenet_set0": 35.0, "fd_lenet_set1": 45.0}\n')
+    assert run_curve(str(sets)) == [(2.0, 35.0)]
     assert "| tiny | 1 |" in proc.stdout
     # The second call reads the teacher's rows from the cache (no "teacher set" lines printed).
     cached = json.loads(cache.read_text())
