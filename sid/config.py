@@ -88,6 +88,7 @@ class SiDConfig:
     sigma_init: float = 2.5  # generator: G(z) = D(sigma_init * z, sigma_init)
     lr_generator: float = 1e-5  # Adam learning rate of the generator
     lr_fake_score: float = 1e-5  # Adam learning rate of the fake score
+    lr_decay_kimg: float = 0.0  # both lrs / sqrt(max(kimg / lr_decay_kimg, 1)) (EDM2's decay); 0 = constant
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Adam betas of both networks
     betas_generator: list[float] | None = None  # Adam betas of the generator; null = sid.betas
     betas_fake_score: list[float] | None = None  # Adam betas of the fake score; null = sid.betas
@@ -352,6 +353,8 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     _require(0 < s.tmax <= 1000, f"config key 'sid.tmax' is {s.tmax}, expected a value in (0, 1000]")
     _require(s.lr_generator > 0, f"config key 'sid.lr_generator' is {s.lr_generator}, expected a positive number")
     _require(s.lr_fake_score > 0, f"config key 'sid.lr_fake_score' is {s.lr_fake_score}, expected a positive number")
+    _require(s.lr_decay_kimg >= 0 and math.isfinite(s.lr_decay_kimg), f"config key 'sid.lr_decay_kimg' is "
+             f"{s.lr_decay_kimg}, expected a number >= 0 (0 = constant learning rates)")
     _require(s.sigma_init > 0, f"config key 'sid.sigma_init' is {s.sigma_init}, expected a positive number")
     _require(0 < s.sigma_min < s.sigma_max, f"config keys 'sid.sigma_min' ({s.sigma_min}) and 'sid.sigma_max' "
              f"({s.sigma_max}) must satisfy 0 < sigma_min < sigma_max")

@@ -28,7 +28,7 @@ from .loss import edm_loss, generator_loss, sid_sigma, sida_fake_score_loss, sid
 from .precond import EDMNetworkPrecond
 from .sampling import seed_labels, seed_latents
 from .teachers import DiffusersVPDenoiser, load_generator, load_teacher, save_generator
-from .training import TrainingLoop, sanitize_gradients
+from .training import TrainingLoop, lr_factor, sanitize_gradients
 
 
 def teacher_reference(teacher_path: str, metric: str, num_samples: int) -> dict | None:
@@ -288,6 +288,11 @@ class SiDLoop(TrainingLoop):
         stats = {k: zero() for k in ("loss_fake_score", "nonfinite_samples")}
         if self.sida:
             stats["loss_discriminator"] = zero()
+        if s.lr_decay_kimg > 0:  # a pure function of cur_nimg, so resume and longer runs follow one schedule
+            factor = lr_factor(self.cur_nimg, 0.0, s.lr_decay_kimg)
+            for opt, network in ((self.opt_g, "generator"), (self.opt_f, "fake_score")):
+                for group in opt.param_groups:
+                    group["lr"] = getattr(s, f"lr_{network}") * factor
         # Dropout (e.g. in copies of EDM teachers) draws from the global RNG: seed it per step for exact resume.
         torch.manual_seed(rng.derive_seed(cfg.seed, self.step, self.rank, "dropout"))
 

@@ -15,7 +15,7 @@ from .loss import edm_loss
 from .precond import EDMPrecond
 from .runs import save_pretrained_atomic
 from .sampling import edm_sampler, nfe, seed_labels, seed_latents
-from .training import TrainingLoop, grad_norm, param_groups, sanitize_gradients
+from .training import TrainingLoop, grad_norm, lr_factor, param_groups, sanitize_gradients
 
 
 def build_denoiser(cfg: Config, resolution: int, channels: int, label_dim: int) -> EDMPrecond:
@@ -47,17 +47,6 @@ def init_denoiser(path: str, dataset, sigma_data: float) -> EDMPrecond:
         raise UserError(f"config key 'train.sigma_data' is {sigma_data}, but '{path}' was trained with "
                         f"sigma_data {net.sigma_data}; set train.sigma_data={net.sigma_data}")
     return net
-
-
-def lr_factor(cur_nimg: int, warmup_kimg: float, decay_kimg: float) -> float:
-    """Learning-rate multiplier: linear warm-up over ``warmup_kimg``, then EDM2's inverse-square-root decay
-    ``1 / sqrt(max(kimg / decay_kimg, 1))`` when ``decay_kimg > 0``. Depends only on ``cur_nimg`` (not on the run
-    length), so a stopped-and-resumed run and a longer run follow the same schedule."""
-    kimg = cur_nimg / 1000
-    factor = min(kimg / warmup_kimg, 1.0) if warmup_kimg > 0 else 1.0
-    if decay_kimg > 0:
-        factor /= max(kimg / decay_kimg, 1.0) ** 0.5
-    return factor
 
 
 class TeacherLoop(TrainingLoop):

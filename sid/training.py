@@ -378,3 +378,14 @@ class TrainingLoop:
                 parts.append(f"{k} {v:10.4g}" if isinstance(v, float) else f"{k} {v}")
         parts.append(f"sec/kimg {r['sec_per_kimg']:7.2f}")
         return " | ".join(parts)
+
+
+def lr_factor(cur_nimg: int, warmup_kimg: float, decay_kimg: float) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup_kimg``, then EDM2's inverse-square-root decay
+    ``1 / sqrt(max(kimg / decay_kimg, 1))`` when ``decay_kimg > 0``. Depends only on ``cur_nimg`` (not on the run
+    length), so a stopped-and-resumed run and a longer run follow the same schedule."""
+    kimg = cur_nimg / 1000
+    factor = min(kimg / warmup_kimg, 1.0) if warmup_kimg > 0 else 1.0
+    if decay_kimg > 0:
+        factor /= max(kimg / decay_kimg, 1.0) ** 0.5
+    return factor

@@ -240,6 +240,20 @@ def test_warmup_has_no_generator_update_and_fake_score_steps_per_generator_step(
     assert loop.ema.num_updates == 2  # the EMA follows generator updates only
 
 
+def test_lr_decay_follows_cur_nimg_for_both_networks(tiny_teacher, tmp_path):
+    loop = make_loop(tiny_teacher, tmp_path, "sid.lr_generator=4e-5", "sid.lr_fake_score=2e-5",
+                     "sid.lr_decay_kimg=0.008")
+    seen = []
+    for nimg in (0, 8, 32, 72):  # kimg / decay = 0, 1, 4, 9 -> factors 1, 1, 1/2, 1/3
+        loop.cur_nimg = nimg
+        loop.train_step()
+        seen += [loop.opt_g.param_groups[0]["lr"], loop.opt_f.param_groups[0]["lr"]]
+    assert seen == pytest.approx([4e-5, 2e-5, 4e-5, 2e-5, 2e-5, 1e-5, 4e-5 / 3, 2e-5 / 3])
+    loop.load_state_dict(loop.state_dict())  # resume resets the groups to the base rates; the next step decays
+    loop.train_step()
+    assert loop.opt_g.param_groups[0]["lr"] == pytest.approx(4e-5 / 3)
+
+
 def test_nan_sample_is_masked_per_sample(tiny_teacher, tmp_path):
     loop = make_loop(tiny_teacher, tmp_path)
     inputs = loop._inputs
@@ -381,6 +395,7 @@ def test_power_ema_and_sida_resume_exactly(tiny_teacher, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["sid.fake_score_steps=0"], "config key 'sid.fake_score_steps' is 0, expected a positive integer"),
+    (["sid.lr_decay_kimg=-1"], "config key 'sid.lr_decay_kimg' is -1.0, expected a number >= 0"),
     (["ema.kind=power", "ema.export=2"], "config key 'ema.export' is '2', expected best or an index"),
     (["ema.sigma_rel=[0.5]"], "config key 'ema.sigma_rel' is [0.5], expected one or more numbers in (0, 0.2887]"),
     (["sid.betas_fake_score=[0.9]"], "config key 'sid.betas_fake_score' is [0.9], expected two numbers"),
