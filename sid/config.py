@@ -136,6 +136,7 @@ class Config:
     resume: str = "none"  # none | auto | PATH of a checkpoint file or run directory
     seed: int = 0  # every random draw is a function of (seed, step, process)
     total_kimg: float = 20.0  # run length in thousands of images
+    max_minutes: float = 0.0  # > 0: end the run early (evaluate, checkpoint, export) after this much wall time
     batch_size: int = 32  # global batch over all processes and accumulation steps
     accum_steps: int = 1  # gradient accumulation steps per optimizer step
     checkpoint_kimg: float = 5.0  # checkpoint every this many kimg (and at the end)
@@ -293,6 +294,8 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     """Check values that the types cannot express. ``num_processes`` is checked again once it is known."""
     _require(cfg.kind in RUN_KINDS, f"config key 'kind' is {cfg.kind!r}, expected one of {', '.join(RUN_KINDS)}")
     _require(cfg.total_kimg > 0, f"config key 'total_kimg' is {cfg.total_kimg}, expected a positive number")
+    _require(cfg.max_minutes >= 0 and math.isfinite(cfg.max_minutes), f"config key 'max_minutes' is "
+             f"{cfg.max_minutes}, expected a number >= 0 (0 = no time limit)")
     _require(cfg.batch_size > 0, f"config key 'batch_size' is {cfg.batch_size}, expected a positive integer")
     _require(cfg.accum_steps > 0, f"config key 'accum_steps' is {cfg.accum_steps}, expected a positive integer")
     _require(

@@ -158,6 +158,7 @@ class TrainingLoop:
     kind = "base"
 
     def __init__(self, cfg: Config, accelerator):
+        self.start_time = time.time()  # max_minutes counts from here: loading, evaluations and grids included
         self.cfg = cfg
         self.accelerator = accelerator
         self.device = accelerator.device
@@ -217,6 +218,15 @@ class TrainingLoop:
         if micro < self.cfg.accum_steps - 1 and self.world > 1:
             return self.accelerator.no_sync(model)
         return contextlib.nullcontext()
+
+    def _out_of_time(self, deadline: float) -> bool:
+        """Whether the wall-time budget is spent; every process follows the main process's clock."""
+        flag = torch.tensor([float(time.time() >= deadline)], device=self.device)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            flag = broadcast(flag, from_process=0)
+        return bool(flag.item())
 
     def _crossed(self, prev_nimg: int, interval_kimg: float) -> bool:
         every = max(int(round(interval_kimg * 1000)), 1)
@@ -326,6 +336,7 @@ class TrainingLoop:
         bar = tqdm(total=steps_total * self.cfg.batch_size, initial=self.cur_nimg, unit="img", unit_scale=True,
                    disable=not self.accelerator.is_main_process, dynamic_ncols=True, desc=self.kind)
         tick_start, tick_nimg, sums, counts = time.time(), self.cur_nimg, {}, {}
+        deadline = self.start_time + self.cfg.max_minutes * 60 if self.cfg.max_minutes > 0 else None
         while self.cur_nimg < self.total_nimg:
             prev = self.cur_nimg
             stats = self.train_step()
@@ -335,6 +346,13 @@ class TrainingLoop:
             self.cur_nimg += self.cfg.batch_size
             self.step += 1
             bar.update(self.cur_nimg - prev)
+            if deadline is not None and self.cur_nimg < self.total_nimg and self._out_of_time(deadline):
+                # The run ends here as if total_kimg were this point: the last stats line with its metrics, the
+                # grid, the checkpoint and the export all follow below.
+                self.log(f"max_minutes: {self.cfg.max_minutes:g} min of wall time used; ending the run at "
+                         f"{self.cur_nimg / 1000:.3f} kimg of {self.cfg.total_kimg:g} (rerun exactly with "
+                         f"total_kimg={self.cur_nimg / 1000:g})")
+                self.total_nimg = self.cur_nimg
             # Tick: averaged stats, status line.
             if self._crossed(prev, self.cfg.tick_kimg):
                 # Losses: mean over the steps of the tick that reported them (a phase may be skipped, e.g. the

@@ -78,6 +78,20 @@ def test_teacher_resume_equals_uninterrupted(tmp_path):
         assert_same_state(a[key], b[key])
 
 
+def test_max_minutes_ends_the_run_early_with_its_checkpoint_metrics_and_export(tmp_path, capsys):
+    import json
+
+    cfg = load_config(None, [*TEACHER_ARGS, f"run_dir={tmp_path}", "total_kimg=0.64", "max_minutes=1e-9"])
+    run(cfg)  # the budget is spent after the first step (16 images)
+    assert load_final(tmp_path)["cur_nimg"] == 16
+    last = json.loads(open(tmp_path / "stats.jsonl").read().splitlines()[-1])
+    assert last["kimg"] == 0.016 and last["step"] == 1
+    assert os.path.isfile(tmp_path / "denoiser" / "config.json")
+    assert "ending the run at 0.016 kimg of 0.64 (rerun exactly with total_kimg=0.016)" in capsys.readouterr().out
+    with pytest.raises(UserError, match="config key 'max_minutes' is -1.0, expected a number >= 0"):
+        load_config(None, ["max_minutes=-1"])
+
+
 def test_teacher_init_continues_from_a_denoiser_folder(tmp_path, tiny_teacher, tiny_teacher_32):
     from sid.teachers import load_teacher
     from sid.train_teacher import TeacherLoop
