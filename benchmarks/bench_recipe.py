@@ -43,7 +43,7 @@ from sid.detectors import LeNetDetector  # noqa: E402
 from sid.generator import seed_step_noise  # noqa: E402
 from sid.metrics import frechet_distance, metric_curve  # noqa: E402
 from sid.runs import save_grid  # noqa: E402
-from sid.sampling import edm_sampler, nfe, seed_labels, seed_latents  # noqa: E402
+from sid.sampling import edm_sampler, guided, nfe, seed_labels, seed_latents  # noqa: E402
 from sid.teachers import load_generator, load_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,18 +120,23 @@ def generator_images(path: str, seeds: list[int], device: str = "cpu") -> tuple[
 
 
 @torch.no_grad()
-def teacher_images(path: str, seeds: list[int], steps: int, device: str = "cpu"
+def teacher_images(path: str, seeds: list[int], steps: int, device: str = "cpu", guidance: float = 1.0
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     teacher = load_teacher(path).eval().requires_grad_(False).to(device)
+    model = guided(teacher, guidance)  # classifier-free guidance; 1 = the plain conditional teacher
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     out = []
     batch = 100 if device == "cpu" else 500
     for i in range(0, len(seeds), batch):
         s = seeds[i:i + batch]
-        out.append(to_uint8(edm_sampler(teacher, seed_latents(s, shape, device), seed_labels(s, teacher.label_dim,
+        out.append(to_uint8(edm_sampler(model, seed_latents(s, shape, device), seed_labels(s, teacher.label_dim,
                                                                                                device),
                                         num_steps=steps)).cpu())
     return torch.cat(out), seed_labels(seeds, teacher.label_dim)
+
+
+def teacher_nfe(args) -> int:
+    return nfe(args.teacher_steps) * (2 if args.teacher_guidance != 1 else 1)
 
 
 def file_digest(folder: str) -> str:
@@ -146,6 +151,8 @@ def file_digest(folder: str) -> str:
 def teacher_rows(args, detector, real) -> list[dict]:
     """Teacher metrics per seed set, from the cache when the teacher's files and the protocol are unchanged."""
     key = f"{file_digest(args.teacher)}-{args.samples}-{args.teacher_steps}"
+    if args.teacher_guidance != 1:
+        key += f"-w{args.teacher_guidance:g}"
     cache = {}
     if os.path.isfile(args.teacher_cache):
         with open(args.teacher_cache) as fh:
@@ -154,14 +161,15 @@ def teacher_rows(args, detector, real) -> list[dict]:
     for k in range(len(rows), args.sets):
         t0 = time.perf_counter()
         seeds = list(range(k * args.samples, (k + 1) * args.samples))
-        images, labels = teacher_images(args.teacher, seeds, args.teacher_steps, args.device)
+        images, labels = teacher_images(args.teacher, seeds, args.teacher_steps, args.device, args.teacher_guidance)
         row = measure(images, labels, detector, real, k)
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
         print(f"teacher set {k}: " + ", ".join(f"{m} {row[m]:.4g}" for m in ("fd_lenet", "agreement", "precision",
                                                                               "recall", "spread") if m in row),
               flush=True)
-        cache[key] = {"teacher": args.teacher, "nfe": nfe(args.teacher_steps), "sets": rows}
+        cache[key] = {"teacher": args.teacher, "nfe": teacher_nfe(args), "guidance": args.teacher_guidance,
+                      "sets": rows}
         os.makedirs(os.path.dirname(args.teacher_cache) or ".", exist_ok=True)
         tmp = args.teacher_cache + ".tmp"  # written whole, then renamed: an interrupted run leaves the old cache
         with open(tmp, "w") as fh:
@@ -246,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-teacher", dest="no_teacher", action="store_true", help="measure only the runs (the "
                    "teacher's 35-NFE sampling costs minutes on a CPU)")
     p.add_argument("--teacher-steps", dest="teacher_steps", type=int, default=18, help="Heun steps (2n-1 NFE)")
+    p.add_argument("--teacher-guidance", dest="teacher_guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale of the teacher (1 = none; other values cost 2x NFE)")
     p.add_argument("--teacher-cache", dest="teacher_cache",
                    default=str(ROOT / "benchmarks" / "results" / "bench_recipe_teacher.json"))
     p.add_argument("--samples", type=int, default=2000, help="samples per seed set")
@@ -279,12 +289,16 @@ def main(argv: list[str] | None = None) -> dict:
     real = RealFeatures(detector)
     if args.no_teacher and not args.runs:
         raise UserError("--no-teacher with no --runs leaves nothing to measure; give run directories")
-    results = {"teacher": None if args.no_teacher else {"path": args.teacher, "nfe": nfe(args.teacher_steps),
+    if args.teacher_guidance != 1 and not args.no_teacher and load_teacher(args.teacher).label_dim == 0:
+        raise UserError(f"--teacher-guidance is {args.teacher_guidance:g}, but the teacher is unconditional "
+                        "(guidance needs class labels); leave it at 1")
+    results = {"teacher": None if args.no_teacher else {"path": args.teacher, "nfe": teacher_nfe(args),
+                                                        "guidance": args.teacher_guidance,
                                                         "sets": teacher_rows(args, detector, real)}, "runs": []}
     grid_rows = []
     if args.grid:  # the teacher row costs only G Heun samples, so it is drawn even with --no-teacher
         grid_rows.append(teacher_images(args.teacher, list(range(args.grid_seeds)), args.teacher_steps,
-                                        args.device)[0])
+                                        args.device, args.teacher_guidance)[0])
     for name, run, g in zip(names, args.runs, gen_dirs):
         sets = []
         for k in range(args.sets):
@@ -300,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| model | NFE | train min | " + " | ".join(f"fd_lenet set {k}" for k in range(args.sets)) +
           " | fd mean | agreement | precision | recall | spread |")
     print("|---|---|---|" + "---|" * (args.sets + 5))
-    teacher_row = [] if args.no_teacher else [("teacher", nfe(args.teacher_steps), None, results["teacher"]["sets"])]
+    label = "teacher" if args.teacher_guidance == 1 else f"teacher (guidance {args.teacher_guidance:g})"
+    teacher_row = [] if args.no_teacher else [(label, teacher_nfe(args), None, results["teacher"]["sets"])]
     for label, nfe_, train_s, sets in teacher_row + [(r["name"], r["nfe"], r["train_s"], r["sets"])
                                                      for r in results["runs"]]:
         mean = {m: float(np.mean([s[m] for s in sets])) for m in metrics if m in sets[0]}

@@ -94,3 +94,13 @@ def test_script_end_to_end_and_teacher_cache(tmp_path, tiny_teacher_32):
     assert proc.returncode == 2 and "has no exported generator" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run(cmd + ["--sets", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--sets is 0" in proc.stderr and "Traceback" not in proc.stderr
+    # A guided teacher alone: its own cache entry, twice the NFE, labelled in the table.
+    proc = subprocess.run(cmd[:2] + cmd[6:-6] + ["--teacher-guidance", "2", "--sets", "1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["teacher"]["nfe"] == 6 and result["teacher"]["guidance"] == 2 and result["runs"] == []
+    assert "| teacher (guidance 2) | 6 |" in proc.stdout
+    guided_sets = json.loads(cache.read_text())
+    assert len(guided_sets) == 2 and all(len(v["sets"]) for v in guided_sets.values())
+    assert result["teacher"]["sets"][0]["fd_lenet"] != cached[next(iter(cached))]["sets"][0]["fd_lenet"]
