@@ -285,13 +285,13 @@ def main(argv: list[str] | None = None) -> dict:
         if not os.path.isfile(os.path.join(g, "sid_generator.json")):
             raise UserError(f"run '{r}' has no exported generator (expected {g}/sid_generator.json)")
         gen_dirs.append(g)
+    if args.teacher_guidance != 1 and (not args.no_teacher or args.grid) and load_teacher(args.teacher).label_dim == 0:
+        raise UserError(f"--teacher-guidance is {args.teacher_guidance:g}, but the teacher is unconditional "
+                        "(guidance needs class labels); leave it at 1")
     detector = LeNetDetector(DEFAULT_LENET)
     real = RealFeatures(detector)
     if args.no_teacher and not args.runs:
         raise UserError("--no-teacher with no --runs leaves nothing to measure; give run directories")
-    if args.teacher_guidance != 1 and not args.no_teacher and load_teacher(args.teacher).label_dim == 0:
-        raise UserError(f"--teacher-guidance is {args.teacher_guidance:g}, but the teacher is unconditional "
-                        "(guidance needs class labels); leave it at 1")
     results = {"teacher": None if args.no_teacher else {"path": args.teacher, "nfe": teacher_nfe(args),
                                                         "guidance": args.teacher_guidance,
                                                         "sets": teacher_rows(args, detector, real)}, "runs": []}

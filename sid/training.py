@@ -220,13 +220,14 @@ class TrainingLoop:
         return contextlib.nullcontext()
 
     def _out_of_time(self, deadline: float) -> bool:
-        """Whether the wall-time budget is spent; every process follows the main process's clock."""
-        flag = torch.tensor([float(time.time() >= deadline)], device=self.device)
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast
+        """Whether the wall-time budget is spent; every process follows the main process's clock (one broadcast per
+        step with several processes; a plain clock read, no device tensor or host sync, with one)."""
+        late = time.time() >= deadline
+        if self.accelerator.num_processes == 1:
+            return late
+        from accelerate.utils import broadcast
 
-            flag = broadcast(flag, from_process=0)
-        return bool(flag.item())
+        return bool(broadcast(torch.tensor([float(late)], device=self.device), from_process=0).item())
 
     def _crossed(self, prev_nimg: int, interval_kimg: float) -> bool:
         every = max(int(round(interval_kimg * 1000)), 1)
