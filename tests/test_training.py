@@ -226,6 +226,33 @@ def test_two_process_sid_ranks_agree(tmp_path, tiny_teacher):
     assert os.path.isdir(tmp_path / "generator")
 
 
+MAX_MINUTES_PROBE = """
+import time, types
+from accelerate import Accelerator
+from sid.training import TrainingLoop
+
+acc = Accelerator(cpu=True)
+loop = types.SimpleNamespace(accelerator=acc, device=acc.device)
+now = time.time()
+# Rank 1's clock says late, rank 0's says not: nobody stops. Then the other way round: everybody stops.
+a = TrainingLoop._out_of_time(loop, now + 3600 if acc.process_index == 0 else now - 1)
+b = TrainingLoop._out_of_time(loop, now - 1 if acc.process_index == 0 else now + 3600)
+print(f"rank {acc.process_index}: {a} {b}", flush=True)
+"""
+
+
+def test_max_minutes_follows_the_main_process_clock_in_two_processes(tmp_path):
+    """With several processes every rank must stop at the same step (or DDP hangs): rank 0's clock decides."""
+    script = tmp_path / "probe.py"
+    script.write_text(MAX_MINUTES_PROBE)
+    p = cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(script),
+            env={"GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": ROOT})
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert sorted(line for line in out.splitlines() if line.startswith("rank")) == \
+        ["rank 0: False True", "rank 1: False True"]
+
+
 def test_nonfinite_gradients_are_cleaned_and_counted():
     from sid.training import count_nonfinite, sanitize_gradients
 
