@@ -45,6 +45,12 @@ from sid.metrics import frechet_distance, metric_curve  # noqa: E402
 from sid.runs import save_grid  # noqa: E402
 from sid.sampling import edm_sampler, guided, nfe, seed_labels, seed_latents  # noqa: E402
 from sid.teachers import load_generator, load_teacher  # noqa: E402
+from sid.teachers.autoguidance import (  # noqa: E402
+    AUTOGUIDANCE_FILE,
+    autoguidance_weight,
+    check_weight,
+    read_declaration,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEACHER = str(ROOT / "assets" / "teachers" / "mnist5k")
@@ -120,9 +126,9 @@ def generator_images(path: str, seeds: list[int], device: str = "cpu") -> tuple[
 
 
 @torch.no_grad()
-def teacher_images(path: str, seeds: list[int], steps: int, device: str = "cpu", guidance: float = 1.0
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    teacher = load_teacher(path).eval().requires_grad_(False).to(device)
+def teacher_images(path: str, seeds: list[int], steps: int, device: str = "cpu", guidance: float = 1.0,
+                   autoguidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    teacher = load_teacher(path, autoguidance=autoguidance).eval().requires_grad_(False).to(device)
     model = guided(teacher, guidance)  # classifier-free guidance; 1 = the plain conditional teacher
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     out = []
@@ -136,13 +142,14 @@ def teacher_images(path: str, seeds: list[int], steps: int, device: str = "cpu",
 
 
 def teacher_nfe(args) -> int:
-    return nfe(args.teacher_steps) * (2 if args.teacher_guidance != 1 else 1)
+    return nfe(args.teacher_steps) * (2 if args.teacher_guidance != 1 else 1) * (2 if args.teacher_auto != 1 else 1)
 
 
 def file_digest(folder: str) -> str:
+    """Digest of a network folder's weights and configs (its guide declaration and metrics excluded)."""
     h = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
-        if name.endswith((".safetensors", ".json")) and name != "metrics.jsonl":
+        if name.endswith((".safetensors", ".json")) and name not in ("metrics.jsonl", AUTOGUIDANCE_FILE):
             with open(os.path.join(folder, name), "rb") as fh:
                 h.update(fh.read())
     return h.hexdigest()[:16]
@@ -153,6 +160,8 @@ def teacher_rows(args, detector, real) -> list[dict]:
     key = f"{file_digest(args.teacher)}-{args.samples}-{args.teacher_steps}"
     if args.teacher_guidance != 1:
         key += f"-w{args.teacher_guidance:g}"
+    if args.teacher_auto != 1:  # the guide's own weights, and its weight
+        key += f"-ag{args.teacher_auto:g}-{file_digest(read_declaration(args.teacher)[0])}"
     cache = {}
     if os.path.isfile(args.teacher_cache):
         with open(args.teacher_cache) as fh:
@@ -161,7 +170,8 @@ def teacher_rows(args, detector, real) -> list[dict]:
     for k in range(len(rows), args.sets):
         t0 = time.perf_counter()
         seeds = list(range(k * args.samples, (k + 1) * args.samples))
-        images, labels = teacher_images(args.teacher, seeds, args.teacher_steps, args.device, args.teacher_guidance)
+        images, labels = teacher_images(args.teacher, seeds, args.teacher_steps, args.device, args.teacher_guidance,
+                                        args.teacher_auto)
         row = measure(images, labels, detector, real, k)
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
@@ -169,7 +179,7 @@ def teacher_rows(args, detector, real) -> list[dict]:
                                                                               "recall", "spread") if m in row),
               flush=True)
         cache[key] = {"teacher": args.teacher, "nfe": teacher_nfe(args), "guidance": args.teacher_guidance,
-                      "sets": rows}
+                      **({"autoguidance": args.teacher_auto} if args.teacher_auto != 1 else {}), "sets": rows}
         os.makedirs(os.path.dirname(args.teacher_cache) or ".", exist_ok=True)
         tmp = args.teacher_cache + ".tmp"  # written whole, then renamed: an interrupted run leaves the old cache
         with open(tmp, "w") as fh:
@@ -256,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--teacher-steps", dest="teacher_steps", type=int, default=18, help="Heun steps (2n-1 NFE)")
     p.add_argument("--teacher-guidance", dest="teacher_guidance", type=float, default=1.0,
                    help="classifier-free guidance scale of the teacher (1 = none; other values cost 2x NFE)")
+    p.add_argument("--teacher-autoguidance", dest="teacher_autoguidance", type=float, default=None,
+                   help="weight of the guide network the teacher folder names in autoguidance.json (default: the "
+                   "weight it names; 1 = the main network alone; other values cost 2x NFE)")
     p.add_argument("--teacher-cache", dest="teacher_cache",
                    default=str(ROOT / "benchmarks" / "results" / "bench_recipe_teacher.json"))
     p.add_argument("--samples", type=int, default=2000, help="samples per seed set")
@@ -285,6 +298,11 @@ def main(argv: list[str] | None = None) -> dict:
         if not os.path.isfile(os.path.join(g, "sid_generator.json")):
             raise UserError(f"run '{r}' has no exported generator (expected {g}/sid_generator.json)")
         gen_dirs.append(g)
+    if args.teacher_autoguidance is not None:
+        check_weight(args.teacher_autoguidance, "--teacher-autoguidance")
+    # The weight the teacher samples with: its folder's autoguidance.json unless --teacher-autoguidance says.
+    args.teacher_auto = autoguidance_weight(load_teacher(args.teacher, autoguidance=args.teacher_autoguidance)) \
+        if (not args.no_teacher or args.grid) else 1.0
     if args.teacher_guidance != 1 and (not args.no_teacher or args.grid) and load_teacher(args.teacher).label_dim == 0:
         raise UserError(f"--teacher-guidance is {args.teacher_guidance:g}, but the teacher is unconditional "
                         "(guidance needs class labels); leave it at 1")
@@ -294,11 +312,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError("--no-teacher with no --runs leaves nothing to measure; give run directories")
     results = {"teacher": None if args.no_teacher else {"path": args.teacher, "nfe": teacher_nfe(args),
                                                         "guidance": args.teacher_guidance,
+                                                        "autoguidance": args.teacher_auto,
                                                         "sets": teacher_rows(args, detector, real)}, "runs": []}
     grid_rows = []
     if args.grid:  # the teacher row costs only G Heun samples, so it is drawn even with --no-teacher
         grid_rows.append(teacher_images(args.teacher, list(range(args.grid_seeds)), args.teacher_steps,
-                                        args.device, args.teacher_guidance)[0])
+                                        args.device, args.teacher_guidance, args.teacher_auto)[0])
     for name, run, g in zip(names, args.runs, gen_dirs):
         sets = []
         for k in range(args.sets):
@@ -314,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| model | NFE | train min | " + " | ".join(f"fd_lenet set {k}" for k in range(args.sets)) +
           " | fd mean | agreement | precision | recall | spread |")
     print("|---|---|---|" + "---|" * (args.sets + 5))
-    label = "teacher" if args.teacher_guidance == 1 else f"teacher (guidance {args.teacher_guidance:g})"
+    label = "teacher" + "".join(f" ({what} {w:g})" for what, w in (("guidance", args.teacher_guidance),
+                                                                    ("autoguidance", args.teacher_auto)) if w != 1)
     teacher_row = [] if args.no_teacher else [(label, teacher_nfe(args), None, results["teacher"]["sets"])]
     for label, nfe_, train_s, sets in teacher_row + [(r["name"], r["nfe"], r["train_s"], r["sets"])
                                                      for r in results["runs"]]:

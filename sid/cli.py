@@ -123,6 +123,9 @@ def sample_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="generator: steps K (K NFE; default: the steps it "
                         "was trained for); teacher: Heun steps (2*steps-1 NFE; default 18)")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight (teacher)")
+    parser.add_argument("--autoguidance", type=float, default=None, metavar="W", help="weight of the guide network "
+                        "that a teacher folder names in its autoguidance.json (2x NFE; default: the weight it names; "
+                        "1 = the main network alone)")
     parser.add_argument("--seeds", required=True, help="seeds, e.g. 0-99 or 1,5,7-9; one image per seed")
     parser.add_argument("--class", dest="class_label", type=int, default=None, metavar="C", help="class label of "
                         "every image (conditional models; default: each seed draws its own)")

@@ -68,6 +68,7 @@ class GuidanceConfig:
     eval_fake: float = 1.0  # kappa2 = kappa3: guidance of the fake score in the generator loss; 1 = off
     eval_real: float = 1.0  # kappa4: guidance of the teacher in the generator loss; 1 = off
     fake_label_dropout: float = 0.1  # null-class rate of fake-score training while train_fake or eval_fake != 1
+    autoguidance: float = 1.0  # the teacher guided by the guide network its folder names (autoguidance.json); 1 = off
 
 
 @dataclass
@@ -367,6 +368,8 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     for key in ("train_fake", "eval_fake", "eval_real"):
         value = getattr(s.guidance, key)
         _require(math.isfinite(value), f"config key 'sid.guidance.{key}' is {value}, expected a finite number")
+    _require(math.isfinite(s.guidance.autoguidance) and s.guidance.autoguidance > 0, f"config key "
+             f"'sid.guidance.autoguidance' is {s.guidance.autoguidance}, expected a number > 0 (1 = off)")
     _require(0 <= s.guidance.fake_label_dropout < 1, f"config key 'sid.guidance.fake_label_dropout' is "
              f"{s.guidance.fake_label_dropout}, expected in [0, 1)")
     _check_betas("sid.betas", s.betas)

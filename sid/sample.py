@@ -14,7 +14,8 @@ from .data import load_dataset, to_uint8
 from .generator import seed_step_noise
 from .runs import save_grid
 from .sampling import edm_sampler, guided, nfe, parse_seeds, seed_labels, seed_latents
-from .teachers import load_generator, load_teacher
+from .teachers import autoguidance_weight, load_generator, load_teacher
+from .teachers.autoguidance import check_weight
 
 GRID_MAX = 100  # images drawn in grid.png (the first seeds)
 
@@ -56,6 +57,13 @@ def sample(args: Namespace) -> list[dict]:
     if args.ref is not None and not os.path.isfile(args.ref):
         raise UserError(f"--ref '{args.ref}' does not exist")
 
+    auto = getattr(args, "autoguidance", None)
+    if auto is not None and args.generator:
+        raise UserError("--autoguidance is for teachers (a guide network steers their sampler); leave it out for "
+                        "--generator")
+    if auto is not None:
+        check_weight(auto, "--autoguidance")
+
     args.lenet = project_path(args.lenet)
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(),
                               mixed_precision="bf16" if args.bf16 else "no")
@@ -66,10 +74,12 @@ def sample(args: Namespace) -> list[dict]:
         steps = model.steps if args.steps is None else args.steps  # default: the steps it was trained for
         num_nfe = steps
     else:
-        denoiser = load_teacher(args.teacher).to(device)
+        denoiser = load_teacher(args.teacher, autoguidance=auto).to(device)
+        auto = autoguidance_weight(denoiser)
         model = guided(denoiser, args.guidance)
         steps = 18 if args.steps is None else args.steps
-        num_nfe = nfe(steps) * (2 if args.guidance != 1 else 1)
+        # Each network evaluation: x2 for classifier-free guidance, x2 for a guide network.
+        num_nfe = nfe(steps) * (2 if args.guidance != 1 else 1) * (2 if auto != 1 else 1)
     shape = (denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution)
     label_dim = denoiser.label_dim
     if args.teacher and args.guidance != 1 and label_dim == 0:
@@ -109,7 +119,8 @@ def sample(args: Namespace) -> list[dict]:
 
     if accelerator.is_main_process:
         os.makedirs(args.outdir, exist_ok=True)
-    what = f"{steps}-step generator {args.generator}" if args.generator else f"teacher {args.teacher}, {num_nfe} NFE"
+    what = f"{steps}-step generator {args.generator}" if args.generator else f"teacher {args.teacher}, " + \
+        (f"autoguidance {auto:g}, " if args.teacher and auto != 1 else "") + f"{num_nfe} NFE"
 
     # Images: grid of the first seeds, optionally all of them as images.npz.
     todo = seeds if args.npz else seeds[:GRID_MAX]
@@ -152,7 +163,7 @@ def sample(args: Namespace) -> list[dict]:
                 if trials > 1:
                     r.update(trial=t, seeds=f"{min(trial_seeds)}-{max(trial_seeds)}")
                 if args.teacher:
-                    r.update(steps=steps, guidance=args.guidance)
+                    r.update(steps=steps, guidance=args.guidance, **({"autoguidance": auto} if auto != 1 else {}))
             rows += trial
         if trials > 1:
             rows += trial_summaries(rows, metrics, trials)

@@ -28,18 +28,21 @@ from .loss import edm_loss, generator_loss, sid_sigma, sida_fake_score_loss, sid
 from .precond import EDMNetworkPrecond
 from .sampling import seed_labels, seed_latents
 from .teachers import DiffusersVPDenoiser, load_generator, load_teacher, save_generator
+from .teachers.autoguidance import AutoGuidedDenoiser, autoguidance_weight, main_network
 from .training import TrainingLoop, lr_factor, sanitize_gradients
 
 
-def teacher_reference(teacher_path: str, metric: str, num_samples: int) -> dict | None:
-    """The teacher's own value of ``metric`` from ``<teacher>/metrics.jsonl`` (written by sample.py), if present;
-    prefers a line with the same number of samples."""
+def teacher_reference(teacher_path: str, metric: str, num_samples: int, autoguidance: float = 1.0) -> dict | None:
+    """The teacher's own value of ``metric`` from ``<teacher>/metrics.jsonl`` (written by sample.py), if present:
+    a line without classifier-free guidance and with the autoguidance weight SiD uses; prefers a line with the same
+    number of samples."""
     path = os.path.join(teacher_path, "metrics.jsonl")
     if not os.path.isfile(path):
         return None
     with open(path) as fh:
         rows = [json.loads(ln) for ln in fh if ln.strip()]
-    rows = [r for r in rows if r.get("metric") == metric and r.get("guidance", 1) == 1]  # SiD distils D, unguided
+    rows = [r for r in rows if r.get("metric") == metric and r.get("guidance", 1) == 1  # SiD distils D, no CFG
+            and r.get("autoguidance", 1) == autoguidance]
     if not rows:
         return None
     return min(rows, key=lambda r: abs(int(r.get("num_samples", 0)) - num_samples))
@@ -47,6 +50,9 @@ def teacher_reference(teacher_path: str, metric: str, num_samples: int) -> dict 
 
 def null_class_problem(teacher) -> str | None:
     """Why ``teacher`` has no null class for classifier-free guidance, or None when it has one."""
+    if isinstance(teacher, AutoGuidedDenoiser):  # both networks see the null class
+        return null_class_problem(teacher.main) or (None if (p := null_class_problem(teacher.guide)) is None
+                                                    else f"has a guide network that {p}")
     if teacher.label_dim == 0:
         return "is unconditional (label_dim 0)"
     if isinstance(teacher, DiffusersVPDenoiser):
@@ -122,11 +128,17 @@ class SiDLoop(TrainingLoop):
     def __init__(self, cfg: Config, accelerator):
         super().__init__(cfg, accelerator)
         s = cfg.sid
-        self.teacher = load_teacher(cfg.teacher).to(self.device)
+        # The teacher's score; with sid.guidance.autoguidance != 1 guided by the guide network its folder names.
+        self.teacher = load_teacher(cfg.teacher, autoguidance=s.guidance.autoguidance).to(self.device)
         self.shape = (self.teacher.img_channels, self.teacher.img_resolution, self.teacher.img_resolution)
         self.label_dim = self.teacher.label_dim
         cond = f"{self.label_dim} classes" if self.label_dim else "unconditional"
         self.log(f"teacher: {cfg.teacher} ({type(self.teacher).__name__}, {'x'.join(map(str, self.shape))}, {cond})")
+        if isinstance(self.teacher, AutoGuidedDenoiser):
+            guide_params = sum(p.numel() for p in self.teacher.guide.parameters()) / 1e6
+            self.log(f"autoguidance: the teacher's score is guide + {self.teacher.weight:g} x (main - guide), the "
+                     f"guide a {type(self.teacher.guide).__name__} of {guide_params:.2f} M parameters; generator and "
+                     "fake score start from the main network")
         # The dataset: label distribution and metric reference; its images must match the teacher.
         self.dataset = load_dataset(cfg.data) if cfg.data.name != "none" else None
         if self.dataset is not None:
@@ -180,13 +192,14 @@ class SiDLoop(TrainingLoop):
         if cfg.ema.export == "best" and cfg.ema.kind == "power" and not cfg.eval.metrics:
             raise UserError("config key 'ema.export' is best, which picks the average by its metric, but eval.metrics "
                             "is empty; expected an index into ema.sigma_rel or some metrics")
-        # Generator and fake score start as copies of the teacher (of the foreign model for adapters).
-        generator_net = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        # Generator and fake score start as copies of the teacher (of the foreign model for adapters; of the main
+        # network of an autoguided teacher).
+        generator_net = copy.deepcopy(main_network(self.teacher)).train().requires_grad_(True)
         if s.init_generator is not None:
             init_sigma = init_generator_weights(generator_net, s.init_generator)
             self.log(f"generator: initialised from {s.init_generator} (SiD2A; its sigma_init {init_sigma:g}, this run "
                      f"{s.sigma_init:g})")
-        fake_score = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        fake_score = copy.deepcopy(main_network(self.teacher)).train().requires_grad_(True)
         if self.sida:
             from .discriminator import SiDAFakeScore
 
@@ -220,7 +233,8 @@ class SiDLoop(TrainingLoop):
         else:
             self.ema = EMA(unwrap(self.generator_net), e.halflife_kimg, e.rampup)
         self.best_index = 0  # export=best: the average with the lowest first metric at the last evaluation
-        self.teacher_ref = {m: teacher_reference(cfg.teacher, m, cfg.eval.num_samples) for m in cfg.eval.metrics}
+        self.teacher_ref = {m: teacher_reference(cfg.teacher, m, cfg.eval.num_samples, autoguidance_weight(
+            self.teacher)) for m in cfg.eval.metrics}
         if cfg.compile:
             compile_networks([self.teacher, unwrap(self.generator_net), unwrap(self.fake_score)], cfg.compile_backend)
             self.log(f"compile: teacher, generator and fake score with torch.compile (backend {cfg.compile_backend}); "

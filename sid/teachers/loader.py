@@ -12,7 +12,7 @@ from ..config import UserError
 SNAPSHOT_SUFFIXES = (".pkl", ".pickle")
 
 
-def load_teacher(path: str) -> nn.Module:
+def load_teacher(path: str, autoguidance: float | None = None) -> nn.Module:
     """Load a frozen denoiser ``D(x, sigma, class_labels)`` (eval mode, no gradients) from
 
     - a sid denoiser folder (``HybridDenoiser.save_pretrained``),
@@ -20,9 +20,37 @@ def load_teacher(path: str) -> nn.Module:
     - an EDM snapshot file ``network-snapshot-*.pkl`` / ``edm-*.pkl``, read without executing it, or the folder
       ``python -m sid.teachers convert`` writes from one.
 
+    A folder with an ``autoguidance.json`` (``sid.teachers.autoguidance``) loads as an
+    :class:`~sid.teachers.autoguidance.AutoGuidedDenoiser`: its network guided by the guide folder it names.
+
+    Args:
+        autoguidance: the guide's weight ``w``; None = the folder's own (1 without ``autoguidance.json``), 1 = the
+            main network alone (the guide is not loaded).
+
     Raises:
-        UserError: the path does not exist, holds none of these layouts, or is corrupt.
+        UserError: the path does not exist, holds none of these layouts, or is corrupt; a weight other than 1 for a
+            teacher without a guide.
     """
+    from .autoguidance import AutoGuidedDenoiser, check_weight, read_declaration
+
+    if autoguidance is not None:
+        check_weight(autoguidance, "the autoguidance weight")
+    main = _load_one(path)
+    decl = read_declaration(path) if os.path.isdir(path) else None
+    if decl is None:
+        if autoguidance is not None and autoguidance != 1:
+            raise UserError(f"autoguidance weight {autoguidance:g} was asked for, but the teacher '{path}' names no "
+                            f"guide network (no autoguidance.json in it); expected 1")
+        return main
+    guide_path, weight = decl
+    weight = weight if autoguidance is None else float(autoguidance)
+    if weight == 1:
+        return main
+    return AutoGuidedDenoiser(main, _load_one(guide_path), weight).eval().requires_grad_(False)
+
+
+def _load_one(path: str) -> nn.Module:
+    """One network, without its guide."""
     if not os.path.exists(path):
         raise UserError(f"teacher path '{path}' does not exist")
     if not os.path.isdir(path):
