@@ -136,9 +136,9 @@ class SiDLoop(TrainingLoop):
         self.log(f"teacher: {cfg.teacher} ({type(self.teacher).__name__}, {'x'.join(map(str, self.shape))}, {cond})")
         if isinstance(self.teacher, AutoGuidedDenoiser):
             guide_params = sum(p.numel() for p in self.teacher.guide.parameters()) / 1e6
-            self.log(f"autoguidance: the teacher's score is guide + {self.teacher.weight:g} x (main - guide), the "
-                     f"guide a {type(self.teacher.guide).__name__} of {guide_params:.2f} M parameters; generator and "
-                     "fake score start from the main network")
+            self.log(f"autoguidance: the teacher's score is guide + {self.teacher.weight:g} x (main - guide); guide: "
+                     f"{type(self.teacher.guide).__name__}, {guide_params:.2f} M parameters; generator and fake score "
+                     "start from the main network")
         # The dataset: label distribution and metric reference; its images must match the teacher.
         self.dataset = load_dataset(cfg.data) if cfg.data.name != "none" else None
         if self.dataset is not None:
