@@ -301,9 +301,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.teacher_autoguidance is not None:
         check_weight(args.teacher_autoguidance, "--teacher-autoguidance")
     # The weight the teacher samples with: its folder's autoguidance.json unless --teacher-autoguidance says.
-    args.teacher_auto = autoguidance_weight(load_teacher(args.teacher, autoguidance=args.teacher_autoguidance)) \
-        if (not args.no_teacher or args.grid) else 1.0
-    if args.teacher_guidance != 1 and (not args.no_teacher or args.grid) and load_teacher(args.teacher).label_dim == 0:
+    teacher = load_teacher(args.teacher, autoguidance=args.teacher_autoguidance) \
+        if (not args.no_teacher or args.grid) else None
+    args.teacher_auto = autoguidance_weight(teacher) if teacher is not None else 1.0
+    if args.teacher_guidance != 1 and teacher is not None and teacher.label_dim == 0:
         raise UserError(f"--teacher-guidance is {args.teacher_guidance:g}, but the teacher is unconditional "
                         "(guidance needs class labels); leave it at 1")
     detector = LeNetDetector(DEFAULT_LENET)

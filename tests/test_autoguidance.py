@@ -121,6 +121,10 @@ def test_sample_py_counts_both_networks_and_records_the_weight(tmp_path, capsys)
     with pytest.raises(SystemExit) as e:
         sample_main(["--teacher", folder, "--seeds", "0-3", "--outdir", str(tmp_path / "c"), "--autoguidance", "0"])
     assert e.value.code == 2 and "--autoguidance is 0.0, expected a number > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        sample_main(["--generator", folder, "--seeds", "0-3", "--outdir", str(tmp_path / "d"), "--autoguidance", "2"])
+    assert e.value.code == 2 and "--autoguidance is for teachers" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "c") and not os.path.exists(tmp_path / "d")  # refused before writing
 
 
 def test_sid_distils_the_autoguided_teacher_from_copies_of_its_main_network(tmp_path, tiny_teacher):

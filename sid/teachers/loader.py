@@ -35,8 +35,8 @@ def load_teacher(path: str, autoguidance: float | None = None) -> nn.Module:
 
     if autoguidance is not None:
         check_weight(autoguidance, "the autoguidance weight")
+    decl = read_declaration(path) if os.path.isdir(path) else None  # a bad declaration fails before any loading
     main = _load_one(path)
-    decl = read_declaration(path) if os.path.isdir(path) else None
     if decl is None:
         if autoguidance is not None and autoguidance != 1:
             raise UserError(f"autoguidance weight {autoguidance:g} was asked for, but the teacher '{path}' names no "
