@@ -14,6 +14,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import threading
 import warnings
 
 import numpy as np
@@ -27,6 +29,33 @@ _CKPT_RE = re.compile(r"checkpoint-(\d+)\.pt$")
 
 # ----------------------------------------------------------------------------
 # Files written atomically.
+
+
+class defer_sigint:
+    """Hold back Ctrl-C while a file is written; the KeyboardInterrupt comes when the write is complete.
+
+    A SIGINT that lands inside ``torch.save`` surfaces as a RuntimeError from its C++ writer (not a
+    KeyboardInterrupt), so the run would exit as if it had crashed and leave a temporary behind. Outside the main
+    thread, or when SIGINT is not Python's default handler, this does nothing.
+    """
+
+    def __enter__(self):
+        self._received = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self._received = True
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        if self._received and exc_type is None:
+            raise KeyboardInterrupt
+        return False
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -142,13 +171,14 @@ class RunDir:
             return None
         path = self.checkpoint_path(cur_nimg)
         tmp = os.path.join(self.checkpoints, f".checkpoint-{cur_nimg:09d}.pt.tmp")
-        with open(tmp, "wb") as fh:
-            torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        for old in list_checkpoints(self.checkpoints)[:-keep]:
-            os.remove(old)
+        with defer_sigint():
+            with open(tmp, "wb") as fh:
+                torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            for old in list_checkpoints(self.checkpoints)[:-keep]:
+                os.remove(old)
         return path
 
 

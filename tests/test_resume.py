@@ -89,6 +89,29 @@ def test_changed_schedule_is_listed_in_one_line(teacher_run, tmp_path, capsys):
     assert load_checkpoint(list_checkpoints(str(run_dir / "checkpoints"))[-1])["cur_nimg"] == 96
 
 
+def test_ctrl_c_during_a_checkpoint_write_completes_it_first(tmp_path, monkeypatch):
+    import signal
+
+    import torch
+
+    import sid.runs
+
+    real_save = torch.save
+
+    def save_interrupted(obj, fh):  # Ctrl-C arrives in the middle of the write
+        os.kill(os.getpid(), signal.SIGINT)
+        real_save(obj, fh)
+
+    monkeypatch.setattr(sid.runs.torch, "save", save_interrupted)
+    rd = RunDir(str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        rd.save_checkpoint({"w": torch.arange(3.0)}, 64)
+    (path,) = list_checkpoints(rd.checkpoints)
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(3.0))
+    assert not [f for f in os.listdir(rd.checkpoints) if f.endswith(".tmp")]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_partial_stats_line_is_dropped(tmp_path):
     rd = RunDir(str(tmp_path))
     rd.log_stats({"kimg": 0.016, "loss": 1.0})
