@@ -21,13 +21,13 @@ def test_shipped_teacher_files_and_metrics():
     teacher = load_teacher(TEACHER)
     assert (teacher.img_channels, teacher.img_resolution, teacher.label_dim) == (1, 32, 10)
     # The folder samples with autoguidance: its main network guided by guide/ (its own first training stage).
-    assert isinstance(teacher, AutoGuidedDenoiser) and teacher.weight == 2.5
+    assert isinstance(teacher, AutoGuidedDenoiser) and teacher.weight == 2.0
     assert not isinstance(load_teacher(TEACHER, autoguidance=1), AutoGuidedDenoiser)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(TEACHER) for f in files)
     assert size <= 16 * 2**20
     ref = teacher_reference(TEACHER, "fd_lenet", 2000)  # what the main job (SiD of the main network) compares with
     assert ref is not None and ref["nfe"] == 35 and ref["num_samples"] == 2000 and ref["value"] > 0
-    guided = teacher_reference(TEACHER, "fd_lenet", 2000, autoguidance=2.5)
+    guided = teacher_reference(TEACHER, "fd_lenet", 2000, autoguidance=2.0)
     assert guided is not None and guided["nfe"] == 70 and guided["num_samples"] == 2000 and guided["value"] > 0
     for name in ("README.md", "grid.png"):
         assert os.path.isfile(os.path.join(TEACHER, name)), name
