@@ -104,12 +104,18 @@ def test_ctrl_c_during_a_checkpoint_write_completes_it_first(tmp_path, monkeypat
 
     monkeypatch.setattr(sid.runs.torch, "save", save_interrupted)
     rd = RunDir(str(tmp_path))
-    with pytest.raises(KeyboardInterrupt):
-        rd.save_checkpoint({"w": torch.arange(3.0)}, 64)
+    # A shell that starts pytest in the background leaves SIGINT ignored; give this test Python's default handler,
+    # as in a terminal, and put back whatever was there.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rd.save_checkpoint({"w": torch.arange(3.0)}, 64)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
     (path,) = list_checkpoints(rd.checkpoints)
     assert torch.equal(load_checkpoint(path)["w"], torch.arange(3.0))
     assert not [f for f in os.listdir(rd.checkpoints) if f.endswith(".tmp")]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_partial_stats_line_is_dropped(tmp_path):
