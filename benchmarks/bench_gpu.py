@@ -1,7 +1,8 @@
 """GPU measurements in one run, prepared so a lent GPU's few minutes are spent measuring (benchmarks/gpu.sh runs
 it): images/s and peak memory of a SiD step (bf16) on the cifar10 preset and on an EDM DDPM++-sized teacher, MFU of
-those steps against the GPU's dense bf16 peak, S4 vs MHA vs SDPA-flash at L = 256, 1024, 4096, and teacher
-training images/s.
+those steps against the GPU's dense bf16 peak, S4 vs MHA vs SDPA-flash at L = 256, 1024, 4096, teacher training
+images/s, and last, issue 16's step target: our SiD step (eager and with ``compile: true``) against the plain loop
+on the small preset at the main job's batch, fp32 and bf16.
 
     python benchmarks/bench_gpu.py --device cuda --out benchmarks/results/gpu.json
     python benchmarks/bench_gpu.py --device cpu --quick            # tiny sizes, end to end on a CPU
@@ -14,7 +15,10 @@ attention at 16x16; augment_dim 0). FLOPs: ``torch.utils.flop_counter.FlopCounte
 networks). MFU = FLOPs per step x steps per s / peak. Peak memory: ``torch.cuda.max_memory_allocated`` over the
 timed steps (CPU: the process's maximum resident set size, which includes everything loaded). Teacher training: the
 real ``TeacherLoop.train_step`` on an ``.npz`` of random images written to a temporary folder (data loading is
-in-memory and not what is measured). Times: medians of repeats after warmup (common.measure).
+in-memory and not what is measured). Times: medians of repeats after warmup (common.measure). OURS vs PLAIN:
+benchmarks/bench_sid_step.py's ``bench_preset`` (the same interleaved comparison as on the CPU; the compiled
+PLAIN loop is left out to save compile time). The JSON is rewritten after every section, so a run stopped by
+gpu.sh's time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -26,13 +30,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_backbones import s4_vs_attention  # noqa: E402
-from benchmarks.bench_sid_step import build_ours, check_autocast, ours_step, save_teacher  # noqa: E402
+from benchmarks.bench_sid_step import (  # noqa: E402
+    bench_preset,
+    build_ours,
+    check_autocast,
+    ours_step,
+    print_preset,
+    save_teacher,
+)
 from benchmarks.common import IMAGES, load_average, machine_info, machine_line, measure, summary, write_json  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s; matched by substring of
@@ -150,12 +162,29 @@ def teacher_training(args, device: torch.device, tmp: str, peak: float | None) -
     return row
 
 
+def sid_step_vs_plain(args, device: torch.device, tmp: str) -> dict:
+    """Issue 16's step target (OURS at least 1.3x faster than PLAIN, same network and batch, fp32 and bf16): the
+    real SiDLoop step eager and with ``compile: true`` against the inline PLAIN loop, interleaved, on the small
+    preset at the main job's batch 32 (``--quick``: the tiny preset at batch 2, compiled with the ``eager`` backend,
+    which runs the same path without code generation). Returns bench_sid_step's per-preset result."""
+    q = dict(batch=args.vs_batch, warmup=args.warmup, repeats=args.repeats, parts_warmup=0, parts_repeats=0,
+             profile_steps=0, budget_s=args.budget_s)
+    ns = SimpleNamespace(plan={args.vs_preset: q}, dtypes=["fp32", "bf16"], compile=True,
+                         compile_backend=args.vs_backend, plain_compile=False, compile_limit_s=args.compile_limit_s,
+                         profile=False)
+    result = bench_preset(ns, args.vs_preset, device, tmp)
+    print_preset(result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="tiny networks, batch 2, L 64/256 (a CPU smoke run)")
     p.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=None, help="dense bf16 peak for MFU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--compile-limit", dest="compile_limit_s", type=float, default=150.0,
+                   help="seconds allowed for compiling OURS in the step comparison, per dtype")
     p.add_argument("--out", default="benchmarks/results/gpu.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -165,9 +194,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.preset, args.batch, args.warmup, args.repeats, args.budget_s = "tiny", 2, 0, 2, 5.0  # + 1 counted
+        args.vs_preset, args.vs_batch, args.vs_backend = "tiny", 2, "eager"
         attn = dict(lengths=[64, 256], d_model=32, d_state=8, n_heads=2, batch=1, warmup=0, repeats=2, budget_s=2.0)
     else:
         args.preset, args.batch, args.warmup, args.repeats, args.budget_s = "cifar10", 64, 3, 10, 30.0
+        args.vs_preset, args.vs_batch, args.vs_backend = "small", 32, "inductor"
         attn = dict(lengths=[256, 1024, 4096], d_model=128, d_state=64, n_heads=4, batch=2, warmup=2, repeats=10,
                     budget_s=20.0)
     if device.type == "cuda":
@@ -178,9 +209,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{machine_line(info)} | bf16 peak {peak} TFLOP/s ({peak_source})", flush=True)
     t0 = time.perf_counter()
     result = dict(machine=info)
+    result["config"] = dict(device=args.device, quick=args.quick, preset=args.preset, batch=args.batch,
+                            warmup=args.warmup, repeats=args.repeats, attention=attn, ddpmpp=DDPMPP_TINY if args.quick
+                            else DDPMPP, step_vs_plain=dict(preset=args.vs_preset, batch=args.vs_batch,
+                                                            compile_backend=args.vs_backend,
+                                                            compile_limit_s=args.compile_limit_s))
+
+    def save() -> Path:                 # after every section: a run stopped by a time limit keeps what it measured
+        result["seconds"] = time.perf_counter() - t0
+        return write_json(args.out, result)
+
     with tempfile.TemporaryDirectory(prefix="bench_gpu-") as tmp:
         print(f"\nSiD step (bf16, batch {args.batch}):", flush=True)
         result["sid_steps"] = sid_steps(args, device, tmp, peak)
+        save()
         print(f"\nS4 vs torch.nn.MultiheadAttention vs SDPA-flash (bf16 autocast, fwd+bwd, "
               f"d_model {attn['d_model']}, batch {attn['batch']}):", flush=True)
         try:
@@ -189,14 +231,15 @@ def main(argv: list[str] | None = None) -> dict:
             result["flash_error"] = str(e).splitlines()[0]
             print(f"  SDPA-flash failed ({result['flash_error']}); S4 vs MHA only", flush=True)
             result["s4_vs_attention"] = s4_vs_attention(device, dtype="bf16", flash=False, before_ref=None, **attn)
+        save()
         print(f"\nTeacher training (bf16, batch {args.batch}):", flush=True)
         result["teacher_training"] = teacher_training(args, device, tmp, peak)
+        save()
+        print(f"\nOur SiD step against the plain loop ({args.vs_preset} preset, batch {args.vs_batch}, fp32 and "
+              f"bf16; compile backend {args.vs_backend}):", flush=True)
+        result["step_vs_plain"] = sid_step_vs_plain(args, device, tmp)
     info["loadavg_end"] = load_average()
-    result["config"] = dict(device=args.device, quick=args.quick, preset=args.preset, batch=args.batch,
-                            warmup=args.warmup, repeats=args.repeats, attention=attn, ddpmpp=DDPMPP_TINY if args.quick
-                            else DDPMPP)
-    result["seconds"] = time.perf_counter() - t0
-    out = write_json(args.out, result)
+    out = save()
     print(f"\n{result['seconds']:.0f} s; wrote {out}")
     return result
 

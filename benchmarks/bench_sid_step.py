@@ -529,7 +529,7 @@ def print_preset(r: dict) -> None:
         print(f"    {'sum of parts':<30} {p['sum_ms']:9.1f}   (PLAIN step {p['plain_step_ms']:.1f} ms, other "
               f"{p['other_ms']:+.1f} ms)")
     if not r["parts"]:
-        print("  parts: skipped (--quick runs them for the small presets only)")
+        print("  parts: not measured in this run (--quick measures them for the small presets only)")
     for dtype, p in r["profiles"].items():
         print_profile(p, f"{r['preset']} {dtype}")
 

@@ -2,7 +2,9 @@
 # One prepared measurement run for a lent GPU (issue 16), well under 8 minutes: installs what the machine lacks from
 # carried wheels (never from the internet), then runs benchmarks/bench_gpu.py, which writes one JSON file: SiD step
 # images/s, peak memory and MFU (bf16, batch 64; cifar10 preset and an EDM DDPM++ teacher), S4 vs MHA vs SDPA-flash
-# at L = 256, 1024, 4096, and teacher training images/s.
+# at L = 256, 1024, 4096, teacher training images/s, and last our SiD step (eager and compile: true) against the plain
+# loop on the small preset at batch 32, fp32 and bf16 (issue 16's 1.3x target). The JSON is rewritten after every
+# section, so a run cut by the time limit keeps the sections it finished.
 #
 #   bash benchmarks/gpu.sh --wheels /path/to/wheels            # on the GPU machine
 #   SID_WHEELS=/path/to/wheels bash benchmarks/gpu.sh --out gpu.json
@@ -27,7 +29,7 @@ while [ $# -gt 0 ]; do
         --out) out=${2:?--out needs a file}; shift ;;
         --peak-tflops) args+=(--peak-tflops "${2:?--peak-tflops needs a number}"); shift ;;
         --threads) args+=(--threads "${2:?--threads needs a number}"); shift ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift

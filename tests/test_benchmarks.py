@@ -197,6 +197,13 @@ def test_gpu_sh_runs_end_to_end_on_cpu(tmp_path):
     assert [r["L"] for r in result["s4_vs_attention"]] == [64, 256]
     for r in result["s4_vs_attention"]:
         assert set(r["layers"]) == {"S4", "MHA", "SDPA_flash"} and r["s4_over_mha"] > 0
+    vs = result["step_vs_plain"]                      # issue 16's step target: OURS eager and compiled vs PLAIN
+    assert vs["preset"] == "tiny" and vs["batch"] == 2 and vs["compile"] is None
+    for dtype in ("fp32", "bf16"):
+        assert vs["ours_compile"][dtype]["ok"], vs["ours_compile"][dtype]
+        steps = {k: vs["steps"][f"{k}/{dtype}"]["time_ms"] for k in ("ours", "plain", "ours+compile")}
+        assert vs["ratios"][f"plain_over_ours_compile/{dtype}"] == pytest.approx(steps["plain"] / steps["ours+compile"])
+        assert vs["ratios"][f"ours_over_plain/{dtype}"] == pytest.approx(steps["ours"] / steps["plain"])
     assert "gpu.sh: done" in proc.stdout
     bad = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), "--cpu", "--bogus"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
