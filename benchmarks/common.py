@@ -92,11 +92,14 @@ def command_line() -> str:
 
 
 def write_json(path: str | Path, result: dict) -> Path:
-    """Write ``result`` with the command line and the date (UTC) in front."""
+    """Write ``result`` with the command line and the date (UTC) in front; written to a temporary name and renamed,
+    so a run killed while writing leaves the previous file whole."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(command=command_line(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    out.write_text(json.dumps({**meta, **result}, indent=2) + "\n")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({**meta, **result}, indent=2) + "\n")
+    os.replace(tmp, out)
     return out
 
 # ----------------------------------------------------------------------------

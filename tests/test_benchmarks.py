@@ -210,6 +210,24 @@ def test_gpu_sh_runs_end_to_end_on_cpu(tmp_path):
     assert bad.returncode == 2 and "--bogus" in bad.stderr
 
 
+def test_bench_gpu_keeps_the_finished_sections_when_a_later_one_fails(tmp_path, monkeypatch):
+    """bench_gpu rewrites its JSON after every section: when the last section (our step against the plain loop)
+    dies, the file still holds the sections before it."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_gpu
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("stopped in the last section")
+
+    monkeypatch.setattr(bench_gpu, "sid_step_vs_plain", boom)
+    out = tmp_path / "gpu.json"
+    with pytest.raises(RuntimeError, match="last section"):
+        bench_gpu.main(["--device", "cpu", "--quick", "--threads", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert {"sid_steps", "s4_vs_attention", "teacher_training", "config"} <= set(result)
+    assert "step_vs_plain" not in result and not (tmp_path / "gpu.json.tmp").exists()
+
+
 def test_gpu_sh_refuses_missing_packages_without_wheels(tmp_path):
     """An interpreter that lacks the run's packages and no wheel directory: one sentence naming them, exit 3, and
     nothing is installed (pip is never reached)."""
