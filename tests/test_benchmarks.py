@@ -210,19 +210,19 @@ def test_gpu_sh_runs_end_to_end_on_cpu(tmp_path):
     assert bad.returncode == 2 and "--bogus" in bad.stderr
 
 
-def test_bench_gpu_keeps_the_finished_sections_when_a_later_one_fails(tmp_path, monkeypatch):
+def test_bench_gpu_keeps_the_finished_sections_when_a_later_one_fails(tmp_path):
     """bench_gpu rewrites its JSON after every section: when the last section (our step against the plain loop)
-    dies, the file still holds the sections before it."""
-    sys.path.insert(0, ROOT)
-    from benchmarks import bench_gpu
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("stopped in the last section")
-
-    monkeypatch.setattr(bench_gpu, "sid_step_vs_plain", boom)
+    dies, the file still holds the sections before it. Run in a subprocess: the loops set accelerate's global
+    state, which must not leak into other tests."""
     out = tmp_path / "gpu.json"
-    with pytest.raises(RuntimeError, match="last section"):
-        bench_gpu.main(["--device", "cpu", "--quick", "--threads", "1", "--out", str(out)])
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from benchmarks import bench_gpu\n"
+            "def boom(*args, **kwargs):\n    raise RuntimeError('stopped in the last section')\n"
+            "bench_gpu.sid_step_vs_plain = boom\n"
+            "bench_gpu.main(['--device', 'cpu', '--quick', '--threads', '1', '--out', sys.argv[2]])\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code, ROOT, str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "stopped in the last section" in proc.stderr, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert {"sid_steps", "s4_vs_attention", "teacher_training", "config"} <= set(result)
     assert "step_vs_plain" not in result and not (tmp_path / "gpu.json.tmp").exists()
