@@ -360,6 +360,10 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     _require(s.lr_decay_kimg >= 0 and math.isfinite(s.lr_decay_kimg), f"config key 'sid.lr_decay_kimg' is "
              f"{s.lr_decay_kimg}, expected a number >= 0 (0 = constant learning rates)")
     _require(s.sigma_init > 0, f"config key 'sid.sigma_init' is {s.sigma_init}, expected a positive number")
+    _require(s.P_std > 0 and math.isfinite(s.P_std), f"config key 'sid.P_std' is {s.P_std}, expected a positive "
+             "number (the std of ln sigma in the fake score's EDM loss)")
+    _require(math.isfinite(s.P_mean), f"config key 'sid.P_mean' is {s.P_mean}, expected a finite number (the mean "
+             "of ln sigma in the fake score's EDM loss)")
     _require(0 < s.sigma_min < s.sigma_max, f"config keys 'sid.sigma_min' ({s.sigma_min}) and 'sid.sigma_max' "
              f"({s.sigma_max}) must satisfy 0 < sigma_min < sigma_max")
     _require(s.labels in ("data", "uniform"), f"config key 'sid.labels' is {s.labels!r}, expected data or uniform")

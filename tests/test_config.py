@@ -49,6 +49,8 @@ def test_top_level_keys_exist():
         (["sid.lr_fake_score=0"], "'sid.lr_fake_score'"),
         (["sid.tmax=0"], "'sid.tmax' is 0"),
         (["sid.tmax=1001"], "(0, 1000]"),
+        (["sid.P_std=0"], "'sid.P_std' is 0"),
+        (["sid.P_mean=nan"], "'sid.P_mean' is nan"),
         (["batch_size=30", "accum_steps=4"], "multiple of processes x accum_steps"),
         (["kind=distill"], "'kind' is 'distill'"),
         (["mixed_precision=no"], "'mixed_precision'"),
