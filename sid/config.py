@@ -102,6 +102,7 @@ class SiDConfig:
     rho: float = 7.0  # generator loss: EDM time-step exponent
     P_mean: float = -1.2  # fake-score EDM loss: mean of ln(sigma)
     P_std: float = 1.2  # fake-score EDM loss: std of ln(sigma)
+    fake_score_sigma: str = "lognormal"  # lognormal (sid.P_mean, sid.P_std) | generator (the generator loss's sigmas)
     sigma_data: float = 0.5  # fake-score EDM loss weight
     labels: str = "data"  # data (the dataset's label distribution) | uniform
     generator_steps: int = 1  # K: the generator applied K times, shared weights, trained end to end
@@ -366,6 +367,8 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
              "of ln sigma in the fake score's EDM loss)")
     _require(0 < s.sigma_min < s.sigma_max, f"config keys 'sid.sigma_min' ({s.sigma_min}) and 'sid.sigma_max' "
              f"({s.sigma_max}) must satisfy 0 < sigma_min < sigma_max")
+    _require(s.fake_score_sigma in ("lognormal", "generator"), f"config key 'sid.fake_score_sigma' is "
+             f"{s.fake_score_sigma!r}, expected lognormal or generator")
     _require(s.labels in ("data", "uniform"), f"config key 'sid.labels' is {s.labels!r}, expected data or uniform")
     _require(s.generator_steps >= 1, f"config key 'sid.generator_steps' is {s.generator_steps}, expected a positive "
              "integer")

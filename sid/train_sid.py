@@ -288,6 +288,16 @@ class SiDLoop(TrainingLoop):
         opt.step()
         return bad
 
+    def _fake_score_sigma(self, g: torch.Generator, n: int) -> torch.Tensor:
+        """The fake score's noise levels: EDM's lognormal (sid.P_mean, sid.P_std), or with sid.fake_score_sigma =
+        generator the generator loss's own distribution, sid_sigma(t) with t ~ U(0, tmax / 1000) (as DMD2 trains its
+        fake score on the timesteps of its generator loss)."""
+        s = self.cfg.sid
+        if s.fake_score_sigma == "generator":
+            t = torch.rand(n, 1, 1, 1, generator=g, device=self.device) * (s.tmax / 1000)
+            return sid_sigma(t, s.sigma_min, s.sigma_max, s.rho)
+        return (torch.randn(n, 1, 1, 1, generator=g, device=self.device) * s.P_std + s.P_mean).exp()
+
     def _real_images(self, g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """SiDA: n real images in [-1, 1], drawn uniformly with replacement, and their labels (None when the teacher
         is unconditional). Only the fake-score phase calls this."""
@@ -339,7 +349,7 @@ class SiDLoop(TrainingLoop):
                 x_g = self.generator_plain(z, labels, chain)
             ok = finite_rows(x_g)
             x_g = torch.where(ok.view(-1, 1, 1, 1), x_g.to(torch.float32), 0.0)
-            sigma = (torch.randn(x_g.shape[0], 1, 1, 1, generator=g, device=self.device) * s.P_std + s.P_mean).exp()
+            sigma = self._fake_score_sigma(g, x_g.shape[0])
             noise = torch.randn(x_g.shape, generator=g, device=self.device)
             labels_f, drop = labels, None
             if self.fake_label_dropout > 0 and labels is not None:

@@ -51,6 +51,7 @@ def test_top_level_keys_exist():
         (["sid.tmax=1001"], "(0, 1000]"),
         (["sid.P_std=0"], "'sid.P_std' is 0"),
         (["sid.P_mean=nan"], "'sid.P_mean' is nan"),
+        (["sid.fake_score_sigma=uniform"], "'sid.fake_score_sigma' is 'uniform', expected lognormal or generator"),
         (["batch_size=30", "accum_steps=4"], "multiple of processes x accum_steps"),
         (["kind=distill"], "'kind' is 'distill'"),
         (["mixed_precision=no"], "'mixed_precision'"),

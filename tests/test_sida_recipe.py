@@ -300,6 +300,23 @@ def test_nan_sample_is_masked_per_sample(tiny_teacher, tmp_path):
         torch.testing.assert_close(seen[1][0][n], p.grad, rtol=1e-4, atol=1e-7)
 
 
+def test_fake_score_sigma_generator_draws_the_generator_losses_sigmas(tiny_teacher, tmp_path, monkeypatch):
+    import sid.train_sid as train_sid
+
+    loop = make_loop(tiny_teacher, tmp_path, "sid.fake_score_sigma=generator", "sid.tmax=600", "sid.sigma_min=0.01")
+    seen = []
+    for name in ("edm_loss", "sida_fake_score_loss"):
+        fn = getattr(train_sid, name)
+        monkeypatch.setattr(train_sid, name, lambda *a, fn=fn, **k: seen.append(k["sigma"]) or fn(*a, **k))
+    loop.train_step()
+    s, B = loop.cfg.sid, loop.micro_batch
+    g = loop._inputs(0, "fake_score")[0]
+    expect = sid_sigma(torch.rand(B, 1, 1, 1, generator=g) * 0.6, 0.01, s.sigma_max, s.rho)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], expect, rtol=0, atol=0)
+    assert float(seen[0].min()) >= 0.01 and float(seen[0].max()) <= float(sid_sigma(torch.tensor(0.6), 0.01))
+
+
 # ----------------------------------------------------------------------------
 # sigma_data in saved denoisers.
 
