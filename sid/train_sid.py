@@ -294,9 +294,14 @@ class SiDLoop(TrainingLoop):
         fake score on the timesteps of its generator loss)."""
         s = self.cfg.sid
         if s.fake_score_sigma == "generator":
-            t = torch.rand(n, 1, 1, 1, generator=g, device=self.device) * (s.tmax / 1000)
-            return sid_sigma(t, s.sigma_min, s.sigma_max, s.rho)
+            return self._generator_sigma(g, n)
         return (torch.randn(n, 1, 1, 1, generator=g, device=self.device) * s.P_std + s.P_mean).exp()
+
+    def _generator_sigma(self, g: torch.Generator, n: int) -> torch.Tensor:
+        """The generator loss's noise levels: sid_sigma(t) with t ~ U(0, tmax / 1000)."""
+        s = self.cfg.sid
+        t = torch.rand(n, 1, 1, 1, generator=g, device=self.device) * (s.tmax / 1000)
+        return sid_sigma(t, s.sigma_min, s.sigma_max, s.rho)
 
     def _real_images(self, g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """SiDA: n real images in [-1, 1], drawn uniformly with replacement, and their labels (None when the teacher
@@ -391,8 +396,7 @@ class SiDLoop(TrainingLoop):
         self.opt_g.zero_grad(set_to_none=True)
         for micro in range(cfg.accum_steps):
             g, z, labels, chain = self._inputs(micro, "generator")
-            t = torch.rand(z.shape[0], 1, 1, 1, generator=g, device=self.device) * (s.tmax / 1000)
-            sigma = sid_sigma(t, s.sigma_min, s.sigma_max, s.rho)
+            sigma = self._generator_sigma(g, z.shape[0])
             noise = torch.randn(z.shape, generator=g, device=self.device)
             with self.no_sync_unless_last(self.generator_net, micro), self.autocast():
                 x_g = self.generator(z, labels, chain)
