@@ -85,6 +85,7 @@ class SiDAConfig:
 @dataclass
 class SiDConfig:
     alpha: float = 1.2  # SiD loss weight alpha (docs/design.md section 4)
+    score_grad: bool = True  # generator loss differentiated through f_phi, f_psi; false = DMD's gradient, cheaper
     tmax: float = 800.0  # t ~ U(0, tmax / 1000)
     sigma_init: float = 2.5  # generator: G(z) = D(sigma_init * z, sigma_init)
     lr_generator: float = 1e-5  # Adam learning rate of the generator
@@ -103,6 +104,7 @@ class SiDConfig:
     P_mean: float = -1.2  # fake-score EDM loss: mean of ln(sigma)
     P_std: float = 1.2  # fake-score EDM loss: std of ln(sigma)
     fake_score_sigma: str = "lognormal"  # lognormal (sid.P_mean, sid.P_std) | generator (the generator loss's sigmas)
+    stratified_sigma: bool = False  # both losses' noise levels drawn one per 1/B-wide stratum of their quantiles
     sigma_data: float = 0.5  # fake-score EDM loss weight
     labels: str = "data"  # data (the dataset's label distribution) | uniform
     generator_steps: int = 1  # K: the generator applied K times, shared weights, trained end to end

@@ -99,6 +99,7 @@ def generator_loss(
     noise: torch.Tensor | None = None,
     guidance_fake: float = 1.0,
     guidance_real: float = 1.0,
+    score_grad: bool = True,
 ) -> torch.Tensor:
     """SiD generator loss per sample, optionally with SiD-LSG's guidance of both score networks.
 
@@ -115,6 +116,10 @@ def generator_loss(
     both places it appears) and ``f_phi`` the teacher guided with ``guidance_real`` (kappa4), each by
     :func:`guided_denoise`; ``w`` uses the guided ``f_phi``. Both 1 = plain SiD, bit for bit.
 
+    ``score_grad=False`` treats ``f_phi`` and ``f_psi`` as constants (both networks run without a graph, nothing is
+    differentiated through them): the loss has the same value, and its gradient w.r.t. ``x_g`` is
+    ``(f_psi - f_phi) / w``, DMD's distribution-matching gradient (Yin et al., CVPR 2024), whatever ``alpha``.
+
     Args:
         x_g: generator samples (B, C, H, W), differentiable w.r.t. the generator.
         sigma: optional (B, 1, 1, 1); default ``sid_sigma(t)`` with ``t ~ U(0, tmax / 1000)``.
@@ -125,8 +130,9 @@ def generator_loss(
     """
     x_g, sigma, noise = _generator_inputs(x_g, sigma, noise, tmax, sigma_min, sigma_max, rho)
     x_t = x_g + sigma * noise
-    f_phi = guided_denoise(teacher, x_t, sigma, class_labels, guidance_real).to(torch.float32)
-    f_psi = guided_denoise(fake_score, x_t, sigma, class_labels, guidance_fake).to(torch.float32)
+    with torch.set_grad_enabled(score_grad and torch.is_grad_enabled()):
+        f_phi = guided_denoise(teacher, x_t, sigma, class_labels, guidance_real).to(torch.float32)
+        f_psi = guided_denoise(fake_score, x_t, sigma, class_labels, guidance_fake).to(torch.float32)
     return _sid_term(f_phi, f_psi, x_g, alpha)[0]
 
 
@@ -241,6 +247,7 @@ def sida_generator_loss(
     guidance_fake: float = 1.0,
     guidance_real: float = 1.0,
     logit_clamp: float | None = 10.0,
+    score_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SiDA's generator phase: the SiD loss of :func:`generator_loss` and the adversarial term, per sample, from
     one fake-score call at the same ``x_t = x_g + sigma n``:
@@ -249,14 +256,19 @@ def sida_generator_loss(
 
     The phase's loss is ``0.5 * lsg * loss_sid + 0.5 * lsg_gan * loss_gan`` (lsg 100, lsg_gan 0.01 in SiDA); the
     caller weights. The factor C*H*W puts the map mean on the scale of the SiD loss, a sum over pixels.
+    ``score_grad=False``: the SiD term as in :func:`generator_loss` (DMD's gradient; the teacher runs without a
+    graph), while the adversarial term still reaches ``x_g`` through the discriminator.
 
     Returns:
         (loss_sid, loss_gan), each (B,) float32.
     """
     x_g, sigma, noise = _generator_inputs(x_g, sigma, noise, tmax, sigma_min, sigma_max, rho)
     x_t = x_g + sigma * noise
-    f_phi = guided_denoise(teacher, x_t, sigma, class_labels, guidance_real).to(torch.float32)
+    with torch.set_grad_enabled(score_grad and torch.is_grad_enabled()):
+        f_phi = guided_denoise(teacher, x_t, sigma, class_labels, guidance_real).to(torch.float32)
     f_psi, logits = guided_denoise_logits(fake_score, x_t, sigma, class_labels, guidance_fake)
+    if not score_grad:
+        f_psi = f_psi.detach()
     loss_sid, w = _sid_term(f_phi, f_psi.to(torch.float32), x_g, alpha)
     loss_gan = x_g[0].numel() * gan_logit_loss(logits, 1.0, logit_clamp) / w.flatten()
     return loss_sid, loss_gan

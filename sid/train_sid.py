@@ -295,13 +295,24 @@ class SiDLoop(TrainingLoop):
         s = self.cfg.sid
         if s.fake_score_sigma == "generator":
             return self._generator_sigma(g, n)
+        if s.stratified_sigma:
+            q = self._uniforms(g, n).clamp(1e-7, 1 - 1e-7)
+            return (torch.special.ndtri(q) * s.P_std + s.P_mean).exp()
         return (torch.randn(n, 1, 1, 1, generator=g, device=self.device) * s.P_std + s.P_mean).exp()
 
     def _generator_sigma(self, g: torch.Generator, n: int) -> torch.Tensor:
         """The generator loss's noise levels: sid_sigma(t) with t ~ U(0, tmax / 1000)."""
         s = self.cfg.sid
-        t = torch.rand(n, 1, 1, 1, generator=g, device=self.device) * (s.tmax / 1000)
+        t = self._uniforms(g, n) * (s.tmax / 1000)
         return sid_sigma(t, s.sigma_min, s.sigma_max, s.rho)
+
+    def _uniforms(self, g: torch.Generator, n: int) -> torch.Tensor:
+        """n draws of U(0, 1) as (n, 1, 1, 1); with sid.stratified_sigma one in each interval [i / n, (i + 1) / n)
+        (stratified sampling: the same marginal distribution, and every batch covers the whole range)."""
+        u = torch.rand(n, 1, 1, 1, generator=g, device=self.device)
+        if self.cfg.sid.stratified_sigma:
+            u = (torch.arange(n, device=self.device).view(-1, 1, 1, 1) + u) / n
+        return u
 
     def _real_images(self, g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """SiDA: n real images in [-1, 1], drawn uniformly with replacement, and their labels (None when the teacher
@@ -407,7 +418,7 @@ class SiDLoop(TrainingLoop):
                     chain = torch.where(m[None], chain, 0.0) if chain is not None else None
                     x_g = torch.where(m, self.generator(z, labels, chain).to(torch.float32), 0.0)
                 kw = dict(alpha=s.alpha, sigma=sigma, noise=noise, guidance_fake=s.guidance.eval_fake,
-                          guidance_real=s.guidance.eval_real)
+                          guidance_real=s.guidance.eval_real, score_grad=s.score_grad)
                 if self.sida:
                     loss_sid, loss_gan = sida_generator_loss(self.teacher, self.fake_score_plain, x_g, labels,
                                                              logit_clamp=s.sida.logit_clamp, **kw)

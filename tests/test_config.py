@@ -52,6 +52,7 @@ def test_top_level_keys_exist():
         (["sid.P_std=0"], "'sid.P_std' is 0"),
         (["sid.P_mean=nan"], "'sid.P_mean' is nan"),
         (["sid.fake_score_sigma=uniform"], "'sid.fake_score_sigma' is 'uniform', expected lognormal or generator"),
+        (["sid.score_grad=maybe"], "'sid.score_grad' on the command line got 'maybe', expected bool"),
         (["batch_size=30", "accum_steps=4"], "multiple of processes x accum_steps"),
         (["kind=distill"], "'kind' is 'distill'"),
         (["mixed_precision=no"], "'mixed_precision'"),

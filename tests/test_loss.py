@@ -123,3 +123,30 @@ def test_one_step_generator_calls_denoiser_at_sigma_init():
     out = OneStepGenerator(D, init_sigma=2.5)(z)
     torch.testing.assert_close(out, 2.5 * z)
     assert torch.all(calls[0][1] == 2.5) and calls[0][1].shape == (3, 1, 1, 1)
+
+
+def test_generator_loss_without_score_grad_is_dmds_gradient():
+    # score_grad=False: same loss value; the gradient w.r.t. x_g is (f_psi - f_phi) / w, whatever alpha, and no
+    # gradient reaches the score networks' parameters.
+    torch.manual_seed(2)
+    B = 3
+    x_g = torch.randn(B, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor([0.3, 1.5, 7.0], dtype=torch.float64).view(B, 1, 1, 1)
+    noise = torch.randn(B, 2, 4, 4, dtype=torch.float64)
+    a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    teacher, fake = (lambda x, s, c=None: a * x), linear_denoiser(0.4)
+    for alpha in (1.2, 0.5):
+        kw = dict(alpha=alpha, sigma=sigma, noise=noise)
+        full = generator_loss(teacher, fake, x_g, **kw)
+        stop = generator_loss(teacher, fake, x_g, score_grad=False, **kw)
+        torch.testing.assert_close(stop, full)
+        assert torch.autograd.grad(stop.sum(), a, retain_graph=True, allow_unused=True)[0] is None
+        assert torch.autograd.grad(full.sum(), a, retain_graph=True)[0] != 0  # the full loss does reach a
+        x_t = x_g.detach() + sigma * noise
+        f_phi, f_psi = 0.7 * x_t, 0.4 * x_t
+        w = (x_g.detach() - f_phi).abs().mean(dim=(1, 2, 3), keepdim=True)
+        (grad,) = torch.autograd.grad(stop.sum(), x_g)
+        torch.testing.assert_close(grad.double(), (f_psi - f_phi) / w, rtol=1e-5, atol=1e-6)  # float32 inside
+        (grad_full,) = torch.autograd.grad(full.sum(), x_g)
+        assert (grad_full - grad).abs().max() > 1e-3  # differentiating through the scores does change it
+

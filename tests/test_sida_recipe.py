@@ -482,3 +482,79 @@ def test_export_best_picks_the_average_with_the_lowest_distance(tiny_teacher_32,
     assert loop.export_index() == loop.ema.names.index(best)
     assert torch.equal(loop.sample_grid(), loop.make_images(list(range(loop.cfg.grid_seeds)),
                                                             loop.ema.models[loop.export_index()]))
+
+
+def test_sida_generator_loss_without_score_grad_keeps_the_gan_gradient():
+    # score_grad=False: the SiD term's gradient is DMD's (f_psi - f_phi) / w, the GAN term's still flows through
+    # the discriminator's logits to x_g.
+    torch.manual_seed(3)
+    B, clamp = 3, 10.0
+    x_g = torch.randn(B, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor([0.2, 2.0, 9.0], dtype=torch.float64).view(B, 1, 1, 1)
+    noise = torch.randn(B, 1, 2, 2, dtype=torch.float64)
+    teacher = lambda x, s, c=None: 0.7 * x  # noqa: E731
+    fake = ToyFake(a=0.4, b=0.9, d=0.1)
+    loss_sid, loss_gan = sida_generator_loss(teacher, fake, x_g, sigma=sigma, noise=noise, logit_clamp=clamp,
+                                             score_grad=False)
+    full_sid, full_gan = sida_generator_loss(teacher, fake, x_g, sigma=sigma, noise=noise, logit_clamp=clamp)
+    torch.testing.assert_close(loss_sid, full_sid)
+    torch.testing.assert_close(loss_gan, full_gan)
+    x_t = x_g.detach() + sigma * noise
+    f_phi, f_psi = 0.7 * x_t, 0.4 * x_t
+    w = (x_g.detach() - f_phi).abs().flatten(1).mean(1).view(-1, 1, 1, 1)
+    (g_sid,) = torch.autograd.grad(loss_sid.sum(), x_g, retain_graph=True)
+    torch.testing.assert_close(g_sid.double(), (f_psi - f_phi) / w, rtol=1e-5, atol=1e-6)  # float32 inside
+    # GAN term: d/dx_g of 4 * mean(softplus(-(b x_t + d))) / w = -b * sigmoid(-(b x_t + d)) / w (no clamp binds).
+    (g_gan,) = torch.autograd.grad(loss_gan.sum(), x_g)
+    ref = -fake.b.detach() * torch.sigmoid(-(fake.b.detach() * x_t + fake.d.detach())) / w
+    torch.testing.assert_close(g_gan.double(), ref, rtol=1e-5, atol=1e-6)
+    # The fake score's decoder output is a constant: nothing reaches its parameter a.
+    assert torch.autograd.grad(loss_sid.sum(), fake.a, allow_unused=True)[0] is None
+
+
+@pytest.mark.parametrize("flag", ["true", "false"])
+def test_score_grad_reaches_the_generator_loss_and_the_teacher_runs_without_a_graph(tiny_teacher, tmp_path,
+                                                                                     monkeypatch, flag):
+    import sid.train_sid as train_sid
+
+    loop = make_loop(tiny_teacher, tmp_path, f"sid.score_grad={flag}")
+    seen, grad_modes = [], []
+    for name in ("generator_loss", "sida_generator_loss"):
+        fn = getattr(train_sid, name)
+        monkeypatch.setattr(train_sid, name, lambda *a, fn=fn, **k: seen.append(k["score_grad"]) or fn(*a, **k))
+    teacher = loop.teacher
+    loop.teacher = lambda *a, **k: grad_modes.append(torch.is_grad_enabled()) or teacher(*a, **k)
+    loop.cur_nimg = loop.g_start_nimg  # past any warm-up: this step updates the generator
+    loop.train_step()
+    assert seen == [flag == "true"]
+    assert grad_modes and all(m == (flag == "true") for m in grad_modes)
+
+
+def test_stratified_sigma_puts_one_quantile_in_each_stratum(tiny_teacher, tmp_path, monkeypatch):
+    import sid.train_sid as train_sid
+
+    loop = make_loop(tiny_teacher, tmp_path, "sid.stratified_sigma=true", "sid.P_mean=0.3", "sid.P_std=1.4")
+    seen = {}
+    for name, key in (("sida_fake_score_loss", "fake"), ("edm_loss", "fake"), ("sida_generator_loss", "gen"),
+                      ("generator_loss", "gen")):
+        fn = getattr(train_sid, name)
+        monkeypatch.setattr(train_sid, name,
+                            lambda *a, fn=fn, key=key, **k: seen.setdefault(key, k["sigma"]) is None or fn(*a, **k))
+    loop.cur_nimg = loop.g_start_nimg
+    loop.train_step()
+    s, B = loop.cfg.sid, loop.micro_batch
+    assert B >= 4 and set(seen) == {"fake", "gen"}
+    # Back to quantiles: the fake score's lognormal through the normal CDF, the generator's sid_sigma through its
+    # inverse; with B draws, sample i lies in [i / B, (i + 1) / B).
+    q_fake = torch.special.ndtr((seen["fake"].flatten().double().log() - 0.3) / 1.4)
+    lo, hi = s.sigma_min ** (1 / s.rho), s.sigma_max ** (1 / s.rho)
+    q_gen = (seen["gen"].flatten().double() ** (1 / s.rho) - lo) / (hi - lo) / (s.tmax / 1000)
+    strata = torch.arange(B, dtype=torch.float64)
+    for q in (q_fake, q_gen):
+        torch.testing.assert_close(torch.floor(q * B + 1e-6).clamp(max=B - 1), strata, rtol=0, atol=0)
+    # The default draws are unstratified: over the same step, some stratum is empty or doubled.
+    loop2 = make_loop(tiny_teacher, tmp_path / "plain", "sid.P_mean=0.3", "sid.P_std=1.4")
+    g = loop2._inputs(0, "generator")[0]
+    q2 = loop2._generator_sigma(g, 64).flatten().double()
+    q2 = (q2 ** (1 / s.rho) - lo) / (hi - lo) / (s.tmax / 1000)
+    assert torch.unique(torch.floor(q2 * 64)).numel() < 64
