@@ -85,7 +85,7 @@ class SiDAConfig:
 @dataclass
 class SiDConfig:
     alpha: float = 1.2  # SiD loss weight alpha (docs/design.md section 4)
-    score_grad: bool = True  # generator loss differentiated through f_phi, f_psi; false = DMD's gradient, cheaper
+    score_grad: bool = True  # generator loss differentiated through f_phi, f_psi; false = DMD's gradient (worse here)
     tmax: float = 800.0  # t ~ U(0, tmax / 1000)
     sigma_init: float = 2.5  # generator: G(z) = D(sigma_init * z, sigma_init)
     lr_generator: float = 1e-5  # Adam learning rate of the generator
