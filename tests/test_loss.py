@@ -149,4 +149,3 @@ def test_generator_loss_without_score_grad_is_dmds_gradient():
         torch.testing.assert_close(grad.double(), (f_psi - f_phi) / w, rtol=1e-5, atol=1e-6)  # float32 inside
         (grad_full,) = torch.autograd.grad(full.sum(), x_g)
         assert (grad_full - grad).abs().max() > 1e-3  # differentiating through the scores does change it
-

@@ -535,26 +535,34 @@ def test_stratified_sigma_puts_one_quantile_in_each_stratum(tiny_teacher, tmp_pa
 
     loop = make_loop(tiny_teacher, tmp_path, "sid.stratified_sigma=true", "sid.P_mean=0.3", "sid.P_std=1.4")
     seen = {}
+
+    def recording(fn, key):
+        def wrapped(*a, **k):
+            seen.setdefault(key, k["sigma"])  # the first call of each phase
+            return fn(*a, **k)
+        return wrapped
+
     for name, key in (("sida_fake_score_loss", "fake"), ("edm_loss", "fake"), ("sida_generator_loss", "gen"),
                       ("generator_loss", "gen")):
-        fn = getattr(train_sid, name)
-        monkeypatch.setattr(train_sid, name,
-                            lambda *a, fn=fn, key=key, **k: seen.setdefault(key, k["sigma"]) is None or fn(*a, **k))
+        monkeypatch.setattr(train_sid, name, recording(getattr(train_sid, name), key))
     loop.cur_nimg = loop.g_start_nimg
     loop.train_step()
     s, B = loop.cfg.sid, loop.micro_batch
     assert B >= 4 and set(seen) == {"fake", "gen"}
     # Back to quantiles: the fake score's lognormal through the normal CDF, the generator's sid_sigma through its
     # inverse; with B draws, sample i lies in [i / B, (i + 1) / B).
-    q_fake = torch.special.ndtr((seen["fake"].flatten().double().log() - 0.3) / 1.4)
     lo, hi = s.sigma_min ** (1 / s.rho), s.sigma_max ** (1 / s.rho)
-    q_gen = (seen["gen"].flatten().double() ** (1 / s.rho) - lo) / (hi - lo) / (s.tmax / 1000)
+
+    def gen_quantile(sigma):  # sid_sigma's inverse, over the range of t
+        return (sigma.flatten().double() ** (1 / s.rho) - lo) / (hi - lo) / (s.tmax / 1000)
+
+    q_fake = torch.special.ndtr((seen["fake"].flatten().double().log() - 0.3) / 1.4)
+    q_gen = gen_quantile(seen["gen"])
     strata = torch.arange(B, dtype=torch.float64)
     for q in (q_fake, q_gen):
         torch.testing.assert_close(torch.floor(q * B + 1e-6).clamp(max=B - 1), strata, rtol=0, atol=0)
     # The default draws are unstratified: over the same step, some stratum is empty or doubled.
     loop2 = make_loop(tiny_teacher, tmp_path / "plain", "sid.P_mean=0.3", "sid.P_std=1.4")
     g = loop2._inputs(0, "generator")[0]
-    q2 = loop2._generator_sigma(g, 64).flatten().double()
-    q2 = (q2 ** (1 / s.rho) - lo) / (hi - lo) / (s.tmax / 1000)
+    q2 = gen_quantile(loop2._generator_sigma(g, 64))
     assert torch.unique(torch.floor(q2 * 64)).numel() < 64
