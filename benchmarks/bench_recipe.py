@@ -113,7 +113,8 @@ def measure(images: torch.Tensor, labels: torch.Tensor | None, detector: LeNetDe
 
 
 @torch.no_grad()
-def generator_images(path: str, seeds: list[int], device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None, int]:
+def generator_images(path: str, seeds: list[int], device: str = "cpu", labels: str = "balanced"
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     gen = load_generator(path).to(device)
     den = gen.denoiser
     shape = (den.img_channels, den.img_resolution, den.img_resolution)
@@ -121,13 +122,14 @@ def generator_images(path: str, seeds: list[int], device: str = "cpu") -> tuple[
     for i in range(0, len(seeds), 250):
         s = seeds[i:i + 250]
         chain = seed_step_noise(s, shape, gen.steps, device)
-        out.append(to_uint8(gen(seed_latents(s, shape, device), seed_labels(s, den.label_dim, device), chain)).cpu())
-    return torch.cat(out), seed_labels(seeds, den.label_dim), gen.steps
+        out.append(to_uint8(gen(seed_latents(s, shape, device), seed_labels(s, den.label_dim, device, labels),
+                                chain)).cpu())
+    return torch.cat(out), seed_labels(seeds, den.label_dim, mode=labels), gen.steps
 
 
 @torch.no_grad()
 def teacher_images(path: str, seeds: list[int], steps: int, device: str = "cpu", guidance: float = 1.0,
-                   autoguidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   autoguidance: float = 1.0, labels: str = "balanced") -> tuple[torch.Tensor, torch.Tensor | None]:
     teacher = load_teacher(path, autoguidance=autoguidance).eval().requires_grad_(False).to(device)
     model = guided(teacher, guidance)  # classifier-free guidance; 1 = the plain conditional teacher
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
@@ -135,10 +137,9 @@ def teacher_images(path: str, seeds: list[int], steps: int, device: str = "cpu",
     batch = 100 if device == "cpu" else 500
     for i in range(0, len(seeds), batch):
         s = seeds[i:i + batch]
-        out.append(to_uint8(edm_sampler(model, seed_latents(s, shape, device), seed_labels(s, teacher.label_dim,
-                                                                                               device),
-                                        num_steps=steps)).cpu())
-    return torch.cat(out), seed_labels(seeds, teacher.label_dim)
+        out.append(to_uint8(edm_sampler(model, seed_latents(s, shape, device),
+                                        seed_labels(s, teacher.label_dim, device, labels), num_steps=steps)).cpu())
+    return torch.cat(out), seed_labels(seeds, teacher.label_dim, mode=labels)
 
 
 def teacher_nfe(args) -> int:
@@ -162,6 +163,8 @@ def teacher_rows(args, detector, real) -> list[dict]:
         key += f"-w{args.teacher_guidance:g}"
     if args.teacher_auto != 1:  # the guide's own weights, and its weight
         key += f"-ag{args.teacher_auto:g}-{file_digest(read_declaration(args.teacher)[0])}"
+    if args.labels != "random":  # keys without a label mode are from before balanced labels (random ones)
+        key += f"-{args.labels}"
     cache = {}
     if os.path.isfile(args.teacher_cache):
         with open(args.teacher_cache) as fh:
@@ -171,7 +174,7 @@ def teacher_rows(args, detector, real) -> list[dict]:
         t0 = time.perf_counter()
         seeds = list(range(k * args.samples, (k + 1) * args.samples))
         images, labels = teacher_images(args.teacher, seeds, args.teacher_steps, args.device, args.teacher_guidance,
-                                        args.teacher_auto)
+                                        args.teacher_auto, args.labels)
         row = measure(images, labels, detector, real, k)
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
@@ -273,6 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
                    default=str(ROOT / "benchmarks" / "results" / "bench_recipe_teacher.json"))
     p.add_argument("--samples", type=int, default=2000, help="samples per seed set")
     p.add_argument("--sets", type=int, default=2, help="disjoint seed sets")
+    p.add_argument("--labels", choices=["balanced", "random"], default="balanced", help="class label of seed s: s "
+                   "mod the class count (default: every seed set of a multiple of 10 is exactly balanced) or a "
+                   "uniform draw per seed (sid before 2026-12-07)")
     p.add_argument("--grid", default=None, help="PNG: samples of seeds 0..G-1 of the teacher and each run, a row each")
     p.add_argument("--grid-seeds", dest="grid_seeds", type=int, default=10, help="G (default 10)")
     p.add_argument("--plot", default=None, help="PNG: fd_lenet per seed set and class agreement of every model")
@@ -314,19 +320,20 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"teacher": None if args.no_teacher else {"path": args.teacher, "nfe": teacher_nfe(args),
                                                         "guidance": args.teacher_guidance,
                                                         "autoguidance": args.teacher_auto,
-                                                        "sets": teacher_rows(args, detector, real)}, "runs": []}
+                                                        "sets": teacher_rows(args, detector, real)}, "runs": [],
+               "labels": args.labels}
     grid_rows = []
     if args.grid:  # the teacher row costs only G Heun samples, so it is drawn even with --no-teacher
         grid_rows.append(teacher_images(args.teacher, list(range(args.grid_seeds)), args.teacher_steps,
-                                        args.device, args.teacher_guidance, args.teacher_auto)[0])
+                                        args.device, args.teacher_guidance, args.teacher_auto, args.labels)[0])
     for name, run, g in zip(names, args.runs, gen_dirs):
         sets = []
         for k in range(args.sets):
             images, labels, steps = generator_images(g, list(range(k * args.samples, (k + 1) * args.samples)),
-                                                    args.device)
+                                                    args.device, args.labels)
             sets.append(measure(images, labels, detector, real, k))
         if args.grid:
-            grid_rows.append(generator_images(g, list(range(args.grid_seeds)), args.device)[0])
+            grid_rows.append(generator_images(g, list(range(args.grid_seeds)), args.device, args.labels)[0])
         results["runs"].append({"name": name, "run": run, "nfe": steps, "train_s": run_train_seconds(run),
                                 "sets": sets})
     # The table, one row per model, each seed set and the mean.

@@ -166,10 +166,11 @@ def evaluate_folder(args, dataset, data, labels, cache_dir: str) -> None:
     res = evaluate(teacher, dataset, args, cache_dir)
     res["val_loss"] = validation_loss(teacher, data, labels, n=args.val_samples)
     n, k = args.samples, nfe(args.steps)
+    labels = "balanced" if teacher.label_dim else "none"  # sid.sampling.seed_labels' default mode
     rows = [dict(metric="fd_lenet", value=res["fd_lenet_A"], num_samples=n, nfe=k, steps=args.steps, guidance=1.0,
-                 seeds=f"0-{n - 1}"),
+                 seeds=f"0-{n - 1}", labels=labels),
             dict(metric="fd_lenet", value=res["fd_lenet_B"], num_samples=n, nfe=k, steps=args.steps, guidance=1.0,
-                 seeds=f"{n}-{2 * n - 1}"),
+                 seeds=f"{n}-{2 * n - 1}", labels=labels),
             dict(metric="class_agreement", value=res["class_agreement"], num_samples=2 * n, nfe=k, steps=args.steps,
                  guidance=1.0, seeds=f"0-{2 * n - 1}", classifier=Path(args.lenet).name)]
     append_jsonl(str(Path(args.eval) / "metrics.jsonl"), rows)

@@ -128,7 +128,11 @@ def sample_main(argv: list[str] | None = None) -> None:
                         "1 = the main network alone)")
     parser.add_argument("--seeds", required=True, help="seeds, e.g. 0-99 or 1,5,7-9; one image per seed")
     parser.add_argument("--class", dest="class_label", type=int, default=None, metavar="C", help="class label of "
-                        "every image (conditional models; default: each seed draws its own)")
+                        "every image (conditional models; default: each seed's own, see --labels)")
+    parser.add_argument("--labels", choices=["balanced", "random"], default="balanced", help="class label of seed s "
+                        "(conditional models): balanced = s mod the class count, so every run of that many seeds "
+                        "holds each class once (default; steadier metrics on few samples); random = a uniform draw "
+                        "per seed, as EDM's generate.py does")
     parser.add_argument("--outdir", required=True, help="output folder")
     parser.add_argument("--batch", type=int, default=100, help="images per batch and process (default 100)")
     parser.add_argument("--npz", action="store_true", help="also write all images to OUTDIR/images.npz")

@@ -91,11 +91,15 @@ def sample(args: Namespace) -> list[dict]:
     if class_label is not None and not 0 <= class_label < label_dim:
         raise UserError(f"--class is {class_label}, expected a class in 0..{label_dim - 1}")
 
+    label_mode = getattr(args, "labels", "balanced")
+    # How the metrics lines record the labels (train_sid.teacher_reference matches the trainer's on it).
+    labels_note = "none" if label_dim == 0 else (label_mode if class_label is None else None)
+
     def labels_for(batch_seeds, where="cpu"):
-        """Each seed's own label (sid.sampling.seed_labels), or --class for all."""
+        """Each seed's own label (sid.sampling.seed_labels, --labels mode), or --class for all."""
         if class_label is not None:
             return torch.full((len(batch_seeds),), class_label, dtype=torch.long, device=where)
-        return seed_labels(batch_seeds, label_dim, where)
+        return seed_labels(batch_seeds, label_dim, where, mode=label_mode)
     if metrics:
         from .detectors import DEFAULT_INCEPTION_PATH, download_inception
         from .metrics import check_metrics
@@ -160,6 +164,7 @@ def sample(args: Namespace) -> list[dict]:
                                     batch_size=args.batch, detector_path=args.detector, lenet_path=args.lenet,
                                     ref_path=args.ref, ref_dataset=ref_dataset, nfe=num_nfe)
             for r in trial:
+                r.update({"labels": labels_note} if labels_note else {"class": class_label})
                 if trials > 1:
                     r.update(trial=t, seeds=f"{min(trial_seeds)}-{max(trial_seeds)}")
                 if args.teacher:

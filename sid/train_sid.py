@@ -34,7 +34,9 @@ from .training import TrainingLoop, lr_factor, sanitize_gradients
 
 def teacher_reference(teacher_path: str, metric: str, num_samples: int, autoguidance: float = 1.0) -> dict | None:
     """The teacher's own value of ``metric`` from ``<teacher>/metrics.jsonl`` (written by sample.py), if present:
-    a line without classifier-free guidance and with the autoguidance weight SiD uses; prefers a line with the same
+    a line without classifier-free guidance or ``--class`` and with the autoguidance weight SiD uses; prefers a line
+    measured with the labels the trainer's metrics use (``"labels": "balanced"``, or ``"none"`` for an unconditional
+    teacher; lines written before 2026-12-07 have no ``labels`` key and drew them at random), then one with the same
     number of samples."""
     path = os.path.join(teacher_path, "metrics.jsonl")
     if not os.path.isfile(path):
@@ -42,10 +44,11 @@ def teacher_reference(teacher_path: str, metric: str, num_samples: int, autoguid
     with open(path) as fh:
         rows = [json.loads(ln) for ln in fh if ln.strip()]
     rows = [r for r in rows if r.get("metric") == metric and r.get("guidance", 1) == 1  # SiD distils D, no CFG
-            and r.get("autoguidance", 1) == autoguidance]
+            and r.get("autoguidance", 1) == autoguidance and "class" not in r]
     if not rows:
         return None
-    return min(rows, key=lambda r: abs(int(r.get("num_samples", 0)) - num_samples))
+    return min(rows, key=lambda r: (r.get("labels") not in ("balanced", "none"),
+                                    abs(int(r.get("num_samples", 0)) - num_samples)))
 
 
 def null_class_problem(teacher) -> str | None:

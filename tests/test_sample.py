@@ -44,9 +44,9 @@ def test_teacher_sampling_with_fd_lenet(models, tmp_path):
     assert os.path.isfile(tmp_path / "grid.png")
     with np.load(tmp_path / "images.npz") as f:
         assert f["images"].shape == (20, 32, 32, 1) and f["images"].dtype == np.uint8
-        assert f["seeds"].tolist() == list(range(20)) and f["labels"].shape == (20,)
+        assert f["seeds"].tolist() == list(range(20)) and f["labels"].tolist() == [s % 10 for s in range(20)]
     (row,) = read_jsonl(tmp_path / "metrics.jsonl")
-    assert row["metric"] == "fd_lenet" and row["num_samples"] == 20 and row["nfe"] == 3
+    assert row["metric"] == "fd_lenet" and row["num_samples"] == 20 and row["nfe"] == 3 and row["labels"] == "balanced"
     assert row["steps"] == 2 and row["guidance"] == 1
     assert np.isfinite(row["value"]) and row["value"] > 0
 
@@ -62,6 +62,42 @@ def test_teacher_reference_ignores_guided_rows(tmp_path):
     assert teacher_reference(str(tmp_path), "fd_lenet", 2000)["value"] == 8.0
     assert teacher_reference(str(tmp_path), "fd_lenet", 900)["value"] == 9.0
     assert teacher_reference(str(tmp_path), "fid", 2000) is None
+
+
+def test_teacher_reference_prefers_rows_with_the_trainers_labels(tmp_path):
+    """Rows with balanced labels (or none: unconditional) win over random ones and rows from before the label mode
+    was recorded, even with another sample count; rows of one --class never count."""
+    from sid.train_sid import teacher_reference
+
+    rows = [{"metric": "fd_lenet", "value": 1.0, "num_samples": 2000, "nfe": 35, "guidance": 1.0, "class": 3},
+            {"metric": "fd_lenet", "value": 2.0, "num_samples": 2000, "nfe": 35, "guidance": 1.0},
+            {"metric": "fd_lenet", "value": 3.0, "num_samples": 2000, "nfe": 35, "guidance": 1.0, "labels": "random"},
+            {"metric": "fd_lenet", "value": 4.0, "num_samples": 1000, "nfe": 35, "guidance": 1.0,
+             "labels": "balanced"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert teacher_reference(str(tmp_path), "fd_lenet", 2000)["value"] == 4.0
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    assert teacher_reference(str(tmp_path), "fd_lenet", 2000)["value"] in (2.0, 3.0)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({**rows[1], "labels": "none"}) + "\n")
+    assert teacher_reference(str(tmp_path), "fd_lenet", 2000)["value"] == 2.0
+
+
+def test_label_modes_and_class_are_recorded(models, tmp_path):
+    from sid.sampling import seed_labels
+
+    _, generator = models
+    for name, extra in (("random", ["--labels", "random"]), ("one", ["--class", "7"])):
+        r = sample("--generator", generator, "--seeds", "0-11", "--outdir", str(tmp_path / name), "--npz",
+                   "--metrics", "fd_lenet", *extra)
+        assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "random" / "images.npz") as f:
+        assert f["labels"].tolist() == seed_labels(range(12), 10, mode="random").tolist()
+    with np.load(tmp_path / "one" / "images.npz") as f:
+        assert f["labels"].tolist() == [7] * 12
+    (row,) = read_jsonl(tmp_path / "random" / "metrics.jsonl")
+    assert row["labels"] == "random"
+    (row,) = read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    assert row["class"] == 7 and "labels" not in row
 
 
 def test_generator_sampling_is_per_seed(models, tmp_path):
@@ -89,7 +125,8 @@ def test_fid_path_through_sample_py(models, tmp_path):
                "--detector", det, "--ref", str(tmp_path / "ref.npz"))
     assert r.returncode == 0, r.stderr
     (row,) = read_jsonl(tmp_path / "o" / "metrics.jsonl")
-    assert row == {"metric": "fid", "value": row["value"], "num_samples": 32, "nfe": 1} and row["value"] > 0
+    assert row == {"metric": "fid", "value": row["value"], "num_samples": 32, "nfe": 1, "labels": "balanced"}
+    assert row["value"] > 0
     # A missing detector: one sentence naming the file, exit 2, no traceback.
     r = sample("--generator", generator, "--seeds", "0-3", "--outdir", str(tmp_path / "m"), "--metrics", "fid",
                "--detector", str(tmp_path / "missing.pt"), "--ref", str(tmp_path / "ref.npz"))

@@ -46,8 +46,25 @@ def test_images_depend_on_seed_not_batch():
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     torch.testing.assert_close(a[4:], c, rtol=0, atol=1e-6)
     assert torch.equal(seed_labels([3, 4], 10), seed_labels(range(5), 10)[3:])
+    assert torch.equal(seed_labels([3, 4], 10, mode="random"), seed_labels(range(5), 10, mode="random")[3:])
     assert seed_labels([1], 0) is None
     assert not torch.equal(seed_latents([0], (1, 4, 4)), seed_latents([1], (1, 4, 4)))
+
+
+def test_balanced_labels_hold_every_class_once_in_any_run_of_seeds():
+    assert torch.bincount(seed_labels(range(7, 2007), 10), minlength=10).tolist() == [200] * 10
+    for start in (0, 3, 1234):
+        assert sorted(seed_labels(range(start, start + 10), 10).tolist()) == list(range(10))
+    assert seed_labels([13, 20], 10).tolist() == [3, 0] and seed_labels([5], 3).tolist() == [2]
+    assert seed_labels([1], 0, mode="random") is None
+
+
+def test_random_labels_are_the_per_seed_draws_of_earlier_measurements():
+    """Frozen: the class counts of seeds 0-1999 that every fd_lenet before 2026-12-07 was measured with."""
+    counts = torch.bincount(seed_labels(range(2000), 10, mode="random"), minlength=10)
+    assert counts.tolist() == [213, 199, 196, 184, 204, 215, 181, 194, 208, 206]
+    with pytest.raises(ValueError, match="label mode 'uniform'"):
+        seed_labels([0], 10, mode="uniform")
 
 
 def test_guidance_combines_conditional_and_unconditional():
