@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     reason = pick_threads(torch.device("cpu"), args.threads)
     detector = LeNetDetector(DEFAULT_LENET)
     real = RealFeatures(detector)
-    result = {"machine": machine_info(torch.device("cpu")), "threads": reason, "sets": args.sets, "samples": args.samples, "runs": []}
+    result = {"machine": machine_info(torch.device("cpu")), "threads": reason, "sets": args.sets,
+              "samples": args.samples, "runs": []}
     print(f"| generator | labels | fd_lenet per seed set of {args.samples} | mean | median | std |")
     print("|---|---|---|---|---|---|")
     for name, g in zip(names, gen_dirs):

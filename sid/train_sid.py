@@ -44,7 +44,7 @@ def teacher_reference(teacher_path: str, metric: str, num_samples: int, autoguid
     with open(path) as fh:
         rows = [json.loads(ln) for ln in fh if ln.strip()]
     rows = [r for r in rows if r.get("metric") == metric and r.get("guidance", 1) == 1  # SiD distils D, no CFG
-            and r.get("autoguidance", 1) == autoguidance and "class" not in r]
+            and r.get("autoguidance", 1) == autoguidance and "class" not in r and "value" in r]  # not --trials' summary
     if not rows:
         return None
     return min(rows, key=lambda r: (r.get("labels") not in ("balanced", "none"),

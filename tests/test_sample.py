@@ -70,15 +70,16 @@ def test_teacher_reference_prefers_rows_with_the_trainers_labels(tmp_path):
     from sid.train_sid import teacher_reference
 
     rows = [{"metric": "fd_lenet", "value": 1.0, "num_samples": 2000, "nfe": 35, "guidance": 1.0, "class": 3},
+            {"metric": "fd_lenet", "trials": 2, "mean": 1.5, "num_samples": 2000, "nfe": 35},  # --trials' summary
             {"metric": "fd_lenet", "value": 2.0, "num_samples": 2000, "nfe": 35, "guidance": 1.0},
             {"metric": "fd_lenet", "value": 3.0, "num_samples": 2000, "nfe": 35, "guidance": 1.0, "labels": "random"},
             {"metric": "fd_lenet", "value": 4.0, "num_samples": 1000, "nfe": 35, "guidance": 1.0,
              "labels": "balanced"}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert teacher_reference(str(tmp_path), "fd_lenet", 2000)["value"] == 4.0
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     assert teacher_reference(str(tmp_path), "fd_lenet", 2000)["value"] in (2.0, 3.0)
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({**rows[1], "labels": "none"}) + "\n")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({**rows[2], "labels": "none"}) + "\n")
     assert teacher_reference(str(tmp_path), "fd_lenet", 2000)["value"] == 2.0
 
 
