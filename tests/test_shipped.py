@@ -29,6 +29,8 @@ def test_shipped_teacher_files_and_metrics():
     assert ref is not None and ref["nfe"] == 35 and ref["num_samples"] == 2000 and ref["value"] > 0
     guided = teacher_reference(TEACHER, "fd_lenet", 2000, autoguidance=2.0)
     assert guided is not None and guided["nfe"] == 70 and guided["num_samples"] == 2000 and guided["value"] > 0
+    # Measured as the trainer measures its generator: class-balanced labels, seeds 0-1999.
+    assert ref["labels"] == guided["labels"] == "balanced" and ref["seeds"] == guided["seeds"] == "0-1999"
     for name in ("README.md", "grid.png"):
         assert os.path.isfile(os.path.join(TEACHER, name)), name
 
