@@ -73,7 +73,7 @@ def test_script_end_to_end_and_teacher_cache(tmp_path, tiny_teacher_32):
         assert row["num_samples"] == 40 and row["fd_lenet"] > 0
         assert 0 <= row["agreement"] <= 1 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
         assert row["spread"] > 0
-    assert result["teacher"]["nfe"] == 3
+    assert result["teacher"]["nfe"] == 3 and result["labels"] == "balanced"
     for name in ("grid.png", "plot.png", "curves.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert run_curve(str(run_dir)) == [(3.0, 50.0)] and run_curve(str(tmp_path)) == []
@@ -104,3 +104,32 @@ def test_script_end_to_end_and_teacher_cache(tmp_path, tiny_teacher_32):
     guided_sets = json.loads(cache.read_text())
     assert len(guided_sets) == 2 and all(len(v["sets"]) for v in guided_sets.values())
     assert result["teacher"]["sets"][0]["fd_lenet"] != cached[next(iter(cached))]["sets"][0]["fd_lenet"]
+
+
+def test_eval_noise_script_measures_both_label_modes(tmp_path, tiny_teacher_32):
+    """bench_eval_noise.py: the same generator's fd_lenet per seed set under balanced and random labels; balanced
+    sets hold every class equally often, and the summary is that of the listed values."""
+    import numpy as np
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    gen = tmp_path / "generator"
+    shutil.copytree(tiny_teacher_32, gen)
+    (gen / "sid_generator.json").write_text(json.dumps({"sigma_init": 2.5, "generator_steps": 1}))
+    out = tmp_path / "noise.json"
+    cmd = [sys.executable, "benchmarks/bench_eval_noise.py", "--runs", str(gen), "--names", "tiny", "--sets", "3",
+           "--samples", "30", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    bal, rnd = run["balanced"], run["random"]
+    assert bal["class_counts"] == [[3] * 10] * 3 and all(sum(c) == 30 for c in rnd["class_counts"])
+    assert rnd["class_counts"] != bal["class_counts"]
+    for mode in (bal, rnd):
+        v = np.array(mode["fd_lenet"])
+        assert len(v) == 3 and (v > 0).all()
+        assert mode["std"] == np.std(v, ddof=1) and mode["median"] == np.median(v)
+    assert bal["fd_lenet"] != rnd["fd_lenet"]
+    assert run["std_ratio_random_over_balanced"] == rnd["std"] / bal["std"]
+    proc = subprocess.run(cmd[:-4] + ["--sets", "1", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "--sets 1" in proc.stderr and "Traceback" not in proc.stderr
