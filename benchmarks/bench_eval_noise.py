@@ -14,7 +14,6 @@ labels differ.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_recipe import DEFAULT_LENET, RealFeatures, generator_images  # noqa: E402
+from benchmarks.bench_recipe import DEFAULT_LENET, RealFeatures, generator_images, run_generators  # noqa: E402
 from benchmarks.common import machine_info, pick_threads, write_json  # noqa: E402
 from sid.config import UserError  # noqa: E402
 from sid.detectors import LeNetDetector  # noqa: E402
@@ -62,15 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.sets < 2 or args.samples < 2:
         raise UserError(f"--sets {args.sets} and --samples {args.samples}: expected at least 2 of each (a standard "
                         "deviation needs two sets)")
-    names = args.names.split(",") if args.names else [os.path.basename(os.path.normpath(r)) for r in args.runs]
-    if len(names) != len(args.runs):
-        raise UserError(f"--names has {len(names)} labels for {len(args.runs)} runs; expected one per run")
-    gen_dirs = []
-    for r in args.runs:
-        g = r if os.path.isfile(os.path.join(r, "sid_generator.json")) else os.path.join(r, "generator")
-        if not os.path.isfile(os.path.join(g, "sid_generator.json")):
-            raise UserError(f"run '{r}' has no exported generator (expected {g}/sid_generator.json)")
-        gen_dirs.append(g)
+    names, gen_dirs = run_generators(args.runs, args.names)
     reason = pick_threads(torch.device("cpu"), args.threads)
     detector = LeNetDetector(DEFAULT_LENET)
     real = RealFeatures(detector)

@@ -222,6 +222,22 @@ def plot_models(models: list[tuple[str, list[dict]]], out: str) -> None:
     plt.close(fig)
 
 
+def run_generators(runs: list[str], names: str | None) -> tuple[list[str], list[str]]:
+    """Each run's label (``names``: comma-separated, default the folder names) and exported generator folder (the run
+    directory's ``generator/``, or the folder itself); UserError for a label count that does not match or a run
+    without a generator."""
+    labels = names.split(",") if names else [os.path.basename(os.path.normpath(r)) for r in runs]
+    if len(labels) != len(runs):
+        raise UserError(f"--names has {len(labels)} labels for {len(runs)} runs; expected one per run")
+    gen_dirs = []
+    for r in runs:
+        g = r if os.path.isfile(os.path.join(r, "sid_generator.json")) else os.path.join(r, "generator")
+        if not os.path.isfile(os.path.join(g, "sid_generator.json")):
+            raise UserError(f"run '{r}' has no exported generator (expected {g}/sid_generator.json)")
+        gen_dirs.append(g)
+    return labels, gen_dirs
+
+
 def run_curve(run_dir: str, metric: str = "fd_lenet") -> list[tuple[float, float]]:
     """(kimg, value) of every evaluation the trainer logged in ``run_dir/stats.jsonl`` (empty when none). With
     ``eval.seed_sets`` > 1 the trainer's ``metric`` is a mean over sets; its first set (``<metric>_set0``, the seeds
@@ -295,15 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
                         ("--teacher-steps", args.teacher_steps)):
         if value < 1:
             raise UserError(f"{flag} is {value}, expected a positive integer")
-    names = args.names.split(",") if args.names else [os.path.basename(os.path.normpath(r)) for r in args.runs]
-    if len(names) != len(args.runs):
-        raise UserError(f"--names has {len(names)} labels for {len(args.runs)} runs; expected one per run")
-    gen_dirs = []
-    for r in args.runs:
-        g = r if os.path.isfile(os.path.join(r, "sid_generator.json")) else os.path.join(r, "generator")
-        if not os.path.isfile(os.path.join(g, "sid_generator.json")):
-            raise UserError(f"run '{r}' has no exported generator (expected {g}/sid_generator.json)")
-        gen_dirs.append(g)
+    names, gen_dirs = run_generators(args.runs, args.names)
     if args.teacher_autoguidance is not None:
         check_weight(args.teacher_autoguidance, "--teacher-autoguidance")
     # The weight the teacher samples with: its folder's autoguidance.json unless --teacher-autoguidance says.
