@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_recipe import DEFAULT_LENET, RealFeatures, generator_images, run_generators  # noqa: E402
-from benchmarks.common import machine_info, pick_threads, write_json  # noqa: E402
+from benchmarks.common import machine_info, pick_threads, run_script, write_json  # noqa: E402
 from sid.config import UserError  # noqa: E402
 from sid.detectors import LeNetDetector  # noqa: E402
 from sid.metrics import frechet_distance  # noqa: E402
@@ -87,8 +87,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -34,10 +34,11 @@ from benchmarks.common import (  # noqa: E402
     machine_info,
     machine_line,
     pick_threads,
+    run_script,
     run_train_seconds,
     write_json,
 )
-from sid.config import DataConfig, UserError, load_config  # noqa: E402
+from sid.config import DataConfig, load_config  # noqa: E402
 from sid.data import load_dataset, to_uint8  # noqa: E402
 from sid.detectors import load_lenet  # noqa: E402
 from sid.metrics import compute_metrics, plot_fd_vs_kimg  # noqa: E402
@@ -284,8 +285,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -36,14 +36,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine_info, pick_threads, run_train_seconds, write_json  # noqa: E402
+from benchmarks.common import machine_info, pick_threads, run_script, run_train_seconds, write_json  # noqa: E402
 from sid.config import DataConfig, UserError  # noqa: E402
 from sid.data import load_dataset, to_uint8  # noqa: E402
 from sid.detectors import LeNetDetector  # noqa: E402
 from sid.generator import seed_step_noise  # noqa: E402
 from sid.metrics import frechet_distance, metric_curve  # noqa: E402
 from sid.runs import save_grid  # noqa: E402
-from sid.sampling import edm_sampler, guided, nfe, seed_labels, seed_latents  # noqa: E402
+from sid.sampling import LABEL_MODES, edm_sampler, guided, nfe, seed_labels, seed_latents  # noqa: E402
 from sid.teachers import load_generator, load_teacher  # noqa: E402
 from sid.teachers.autoguidance import (  # noqa: E402
     AUTOGUIDANCE_FILE,
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
                    default=str(ROOT / "benchmarks" / "results" / "bench_recipe_teacher.json"))
     p.add_argument("--samples", type=int, default=2000, help="samples per seed set")
     p.add_argument("--sets", type=int, default=2, help="disjoint seed sets")
-    p.add_argument("--labels", choices=["balanced", "random"], default="balanced", help="class label of seed s: s "
+    p.add_argument("--labels", choices=LABEL_MODES, default="balanced", help="class label of seed s: s "
                    "mod the class count (default: every seed set of a multiple of 10 is exactly balanced) or a "
                    "uniform draw per seed (sid before 2026-12-07)")
     p.add_argument("--grid", default=None, help="PNG: samples of seeds 0..G-1 of the teacher and each run, a row each")
@@ -378,8 +378,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -25,6 +25,22 @@ from pathlib import Path
 import torch
 
 # ----------------------------------------------------------------------------
+# Entry point.
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Run a benchmark's ``main()``: bad input (a ``sid.config.UserError``) prints one line on stderr and exits with
+    code 2, without a traceback."""
+    from sid.config import UserError
+
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------
 # Machine.
 
 

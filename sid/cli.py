@@ -129,7 +129,8 @@ def sample_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", required=True, help="seeds, e.g. 0-99 or 1,5,7-9; one image per seed")
     parser.add_argument("--class", dest="class_label", type=int, default=None, metavar="C", help="class label of "
                         "every image (conditional models; default: each seed's own, see --labels)")
-    parser.add_argument("--labels", choices=["balanced", "random"], default="balanced", help="class label of seed s "
+    # The choices are sid.sampling.LABEL_MODES, written out so that --help does not import torch.
+    parser.add_argument("--labels", choices=("balanced", "random"), default="balanced", help="class label of seed s "
                         "(conditional models): balanced = s mod the class count, so every run of that many seeds "
                         "holds each class once (default; steadier metrics on few samples); random = a uniform draw "
                         "per seed, as EDM's generate.py does")
