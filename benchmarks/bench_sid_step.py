@@ -11,7 +11,9 @@ OURS: ``SiDLoop(cfg, accelerator)`` built from ``sid.config.load_config`` overri
 CPU, ``mixed_precision`` = the dtype), on a teacher folder written to a temporary directory: a randomly initialised
 EDMPrecond(HybridDenoiser) whose weights are perturbed so that F != 0 (adaLN-Zero starts at F = 0). PLAIN: the same
 networks and batch, two Adam optimizers, the EDM and SiD losses inline, ``torch.randn`` noise, a plain EMA lerp,
-no non-finite checks. All compared variants run interleaved (A, B, A, B, ...) in one block and are reported as
+no non-finite checks. ``--reuse-samples`` adds OURS with ``sid.reuse_samples=true`` (the generator update first,
+the fake score on its samples: one generator forward less, a different order of updates, so not the same
+iteration). All compared variants run interleaved (A, B, A, B, ...) in one block and are reported as
 ratios of medians; process CPU time is recorded next to wall time, with the load average.
 
 Parts are timed by running each part on its own in a loop (no profiler hooks), interleaved: generator forward
@@ -64,7 +66,7 @@ def save_teacher(preset: str, folder: str, seed: int = 0) -> None:
 
 
 def build_ours(teacher: str, run_dir: str, batch: int, dtype: str, device: torch.device,
-               compile_backend: str | None = None):
+               compile_backend: str | None = None, extra: tuple[str, ...] = ()):
     """The real SiDLoop through a real Accelerator (with ``compile=true`` and that backend when ``compile_backend``
     is given). accelerate keeps one global state, so it is reset before each Accelerator; an fp32 Accelerator (no
     native AMP) ignores the state afterwards, a bf16 one reads it at every ``autocast()``, hence fp32 loops are built
@@ -79,7 +81,8 @@ def build_ours(teacher: str, run_dir: str, batch: int, dtype: str, device: torch
     cfg = load_config(None, [f"teacher={teacher}", "data.name=none", "sid.labels=uniform", f"run_dir={run_dir}",
                              f"batch_size={batch}", f"mixed_precision={dtype}", f"cpu={device.type == 'cpu'}",
                              "eval.metrics=[]",
-                             *(["compile=true", f"compile_backend={compile_backend}"] if compile_backend else [])])
+                             *(["compile=true", f"compile_backend={compile_backend}"] if compile_backend else []),
+                             *extra])
     return SiDLoop(cfg, make_accelerator(cfg))
 
 
@@ -416,13 +419,16 @@ def bench_preset(args, preset: str, device: torch.device, tmp: str) -> dict:
           f"warmup {q['warmup']}, repeats {q['repeats']}", flush=True)
     teacher_dir = str(Path(tmp) / f"teacher-{preset}")
     save_teacher(preset, teacher_dir)
-    loops, compiled_loops = {}, {}
+    loops, compiled_loops, reuse_loops = {}, {}, {}
     for dtype in [d for d in DTYPES if d in args.dtypes]:
         loops[dtype] = build_ours(teacher_dir, str(Path(tmp) / f"run-{preset}-{dtype}"), batch, dtype, device)
+        if args.reuse_samples:
+            reuse_loops[dtype] = build_ours(teacher_dir, str(Path(tmp) / f"run-{preset}-{dtype}-reuse"), batch, dtype,
+                                            device, extra=("sid.reuse_samples=true",))
         if args.compile:
             compiled_loops[dtype] = build_ours(teacher_dir, str(Path(tmp) / f"run-{preset}-{dtype}-compile"), batch,
                                                dtype, device, compile_backend=args.compile_backend)
-    for dtype, loop in [*loops.items(), *compiled_loops.items()]:
+    for dtype, loop in [*loops.items(), *compiled_loops.items(), *reuse_loops.items()]:
         check_autocast(loop, dtype)
     ours_compile_info = {dtype: warm_compiled_ours(loop, args.compile_limit_s) for dtype, loop in
                          compiled_loops.items()}
@@ -438,6 +444,8 @@ def bench_preset(args, preset: str, device: torch.device, tmp: str) -> dict:
     for dtype, loop in loops.items():
         variants[f"ours/{dtype}"] = ours_step(loop)
         variants[f"plain/{dtype}"] = functools.partial(plain.step, dtype)
+        if dtype in reuse_loops:
+            variants[f"ours+reuse/{dtype}"] = ours_step(reuse_loops[dtype])
         if ours_compile_info.get(dtype, {}).get("ok"):
             variants[f"ours+compile/{dtype}"] = ours_step(compiled_loops[dtype])
         if compiled is not None:
@@ -453,6 +461,9 @@ def bench_preset(args, preset: str, device: torch.device, tmp: str) -> dict:
         o, p = steps[f"ours/{dtype}"], steps[f"plain/{dtype}"]
         ratios[f"ours_over_plain/{dtype}"] = o["time_ms"] / p["time_ms"]
         ratios[f"ours_over_plain_cpu/{dtype}"] = o["cpu_time_ms"] / p["cpu_time_ms"]
+        if f"ours+reuse/{dtype}" in steps:  # sid.reuse_samples: a different order of updates, not the same step
+            ratios[f"plain_over_ours_reuse/{dtype}"] = p["time_ms"] / steps[f"ours+reuse/{dtype}"]["time_ms"]
+            ratios[f"ours_over_ours_reuse/{dtype}"] = o["time_ms"] / steps[f"ours+reuse/{dtype}"]["time_ms"]
         if f"ours+compile/{dtype}" in steps:
             oc = steps[f"ours+compile/{dtype}"]
             ratios[f"ours_compile_over_plain/{dtype}"] = oc["time_ms"] / p["time_ms"]
@@ -495,6 +506,7 @@ def bench_preset(args, preset: str, device: torch.device, tmp: str) -> dict:
                 profiles[f"{dtype}+compile"] = profile_steps(ours_step(loop), device, q["profile_steps"],
                                                               labels=False)
     compiled_loops.clear()
+    reuse_loops.clear()
 
     result = dict(preset=preset, image_shape=[channels, res, res], label_dim=label_dim, batch=batch, params=params,
                   warmup=q["warmup"], steps=steps, ratios=ratios, parts=parts, profiles=profiles,
@@ -577,6 +589,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="compile_backend of OURS with --compile (PLAIN always uses inductor)")
     p.add_argument("--no-plain-compile", dest="plain_compile", action="store_false",
                    help="with --compile: time OURS+compile only, not the compiled PLAIN loop")
+    p.add_argument("--reuse-samples", action="store_true",
+                   help="also time OURS with sid.reuse_samples=true (the generator update first, the fake score on "
+                        "its samples: one generator forward less per step, a different order of updates)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds of the step comparison (default: plan)")
     p.add_argument("--parts-repeats", type=int, default=None, help="timed rounds of the parts (0 = skip them)")
     p.add_argument("--budget", type=float, default=None, help="seconds after which timed rounds stop (default: plan)")
@@ -616,7 +631,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nload average: start {info['loadavg_start']}, end {info['loadavg_end']}; total "
           f"{time.perf_counter() - t0:.0f} s")
     config = dict(quick=args.quick, smoke=args.smoke, device=args.device, dtypes=args.dtypes, compile=args.compile,
-                  compile_backend=args.compile_backend, plain_compile=args.compile and args.plain_compile,
+                  reuse_samples=args.reuse_samples, compile_backend=args.compile_backend,
+                  plain_compile=args.compile and args.plain_compile,
                   profile=args.profile, plan=args.plan, argv=sys.argv[1:] if argv is None else argv)
     summary_rows = [dict(preset=r["preset"], batch=r["batch"], dtype=d,
                          ours_images_per_s=r["steps"][f"ours/{d}"]["images_per_s"],
@@ -624,7 +640,10 @@ def main(argv: list[str] | None = None) -> dict:
                          ours_over_plain=r["ratios"][f"ours_over_plain/{d}"],
                          **({"ours_compile_images_per_s": r["steps"][f"ours+compile/{d}"]["images_per_s"],
                              "plain_over_ours_compile": r["ratios"][f"plain_over_ours_compile/{d}"]}
-                            if f"ours+compile/{d}" in r["steps"] else {}))
+                            if f"ours+compile/{d}" in r["steps"] else {}),
+                         **({"ours_reuse_images_per_s": r["steps"][f"ours+reuse/{d}"]["images_per_s"],
+                             "plain_over_ours_reuse": r["ratios"][f"plain_over_ours_reuse/{d}"]}
+                            if f"ours+reuse/{d}" in r["steps"] else {}))
                     for r in presets for d in args.dtypes]
     result = dict(machine=info, config=config, summary=summary_rows, presets=presets,
                   notes=("time_ms / cpu_time_ms: medians of interleaved repeats (wall; process CPU time of all "

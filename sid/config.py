@@ -96,6 +96,7 @@ class SiDConfig:
     betas_fake_score: list[float] | None = None  # Adam betas of the fake score; null = sid.betas
     eps: float = 1e-8  # Adam eps of both networks
     fake_score_steps: int = 1  # fake-score updates per generator update
+    reuse_samples: bool = False  # generator update first; the fake score then trains on its samples (detached)
     fake_score_warmup_kimg: float = 0.0  # no generator update (fake score only) for this many kimg
     init_generator: str | None = None  # SiD2A: start the generator from this generator/ folder; null = teacher
     sigma_min: float = 0.002  # generator loss: noise level at t = 0

@@ -7,7 +7,9 @@ Plain SiD never uses real images; the dataset only supplies the label distributi
 Optional terms: SiD-LSG guidance scales (``sid.guidance.*``), a K-step generator (``sid.generator_steps``), and
 SiDA (``sid.sida.*``), whose discriminator, the fake score's encoder, sees real images in the fake-score phase only.
 Schedule knobs: ``sid.fake_score_steps`` fake-score updates per generator update, a fake-score warm-up
-(``sid.fake_score_warmup_kimg``) without generator updates, and the EMA kind (``ema.*``).
+(``sid.fake_score_warmup_kimg``) without generator updates, ``sid.reuse_samples`` (the generator update first, its
+samples then train the fake score: one generator forward less per step, as in DMD2's loop) and the EMA kind
+(``ema.*``).
 """
 
 from __future__ import annotations
@@ -224,9 +226,10 @@ class SiDLoop(TrainingLoop):
         # Schedule: the generator's first update is the first step at or after the warm-up.
         warmup_nimg = int(round(s.fake_score_warmup_kimg * 1000))
         self.g_start_nimg = -(-warmup_nimg // cfg.batch_size) * cfg.batch_size
-        if s.fake_score_steps > 1 or self.g_start_nimg > 0:
+        if s.fake_score_steps > 1 or self.g_start_nimg > 0 or s.reuse_samples:
             self.log(f"schedule: {s.fake_score_steps} fake-score update(s) per generator update; generator updates "
-                     f"from {self.g_start_nimg / 1000:g} kimg")
+                     f"from {self.g_start_nimg / 1000:g} kimg"
+                     + ("; the generator update first, the fake score on its samples" if s.reuse_samples else ""))
         e = cfg.ema
         if e.kind == "power":
             self.ema = PowerEMA(unwrap(self.generator_net), e.sigma_rel)
@@ -339,35 +342,52 @@ class SiDLoop(TrainingLoop):
         # Dropout (e.g. in copies of EDM teachers) draws from the global RNG: seed it per step for exact resume.
         torch.manual_seed(rng.derive_seed(cfg.seed, self.step, self.rank, "dropout"))
 
-        # Update fake score, fake_score_steps times (fresh inputs each; the first has the phase name of plain SiD).
-        bad = zero()
-        for j in range(s.fake_score_steps):
-            bad += self._fake_score_update("fake_score" if j == 0 else f"fake_score{j}", stats, s.fake_score_steps)
+        bad, samples = zero(), None
+        g_update = self.cur_nimg >= self.g_start_nimg  # after the fake-score warm-up
+        if g_update and s.reuse_samples:
+            # The order of DMD2's loop: the generator update comes first and keeps its samples (made before its
+            # optimizer step), so the fake score's first update below needs no generator forward of its own.
+            bad += self._generator_step(stats, samples := [])
 
-        # Update generator, after the fake-score warm-up; then the EMA.
-        if self.cur_nimg >= self.g_start_nimg:
-            stats["loss_generator"] = zero()
-            if self.sida:
-                stats["loss_gan"] = zero()
-            bad += self._generator_update(stats)
-            self.ema.update(self.accelerator.unwrap_model(self.generator_net), self.cur_nimg - self.g_start_nimg,
-                            cfg.batch_size)
+        # Update fake score, fake_score_steps times (fresh inputs each, or the generator phase's samples for the
+        # first with sid.reuse_samples; the first has the phase name of plain SiD).
+        for j in range(s.fake_score_steps):
+            bad += self._fake_score_update("fake_score" if j == 0 else f"fake_score{j}", stats, s.fake_score_steps,
+                                           samples if j == 0 else None)
+
+        if g_update and not s.reuse_samples:
+            bad += self._generator_step(stats)
         stats["nonfinite_grads"] = bad
         return stats
 
-    def _fake_score_update(self, phase: str, stats: dict, n_updates: int) -> torch.Tensor:
+    def _generator_step(self, stats: dict, samples: list | None = None) -> torch.Tensor:
+        """The generator update, then the EMA."""
+        stats["loss_generator"] = torch.zeros((), device=self.device)
+        if self.sida:
+            stats["loss_gan"] = torch.zeros((), device=self.device)
+        bad = self._generator_update(stats, samples)
+        self.ema.update(self.accelerator.unwrap_model(self.generator_net), self.cur_nimg - self.g_start_nimg,
+                        self.cfg.batch_size)
+        return bad
+
+    def _fake_score_update(self, phase: str, stats: dict, n_updates: int, samples: list | None = None
+                           ) -> torch.Tensor:
         """One fake-score step: the EDM loss on G's samples (plus SiDA's discriminator loss on real and generated
         images). A sample whose image or loss is not finite is masked out (zero image in, zero loss out) and
-        counted in nonfinite_samples."""
+        counted in nonfinite_samples. ``samples``: per micro-batch (x_g, labels, ok) kept by the generator update
+        (sid.reuse_samples), used instead of a fresh generator forward."""
         cfg, s = self.cfg, self.cfg.sid
         self._phase(train_fake_score=True)
         self.opt_f.zero_grad(set_to_none=True)
         for micro in range(cfg.accum_steps):
             g, z, labels, chain = self._inputs(micro, phase)
-            with torch.no_grad(), self.autocast():
-                x_g = self.generator_plain(z, labels, chain)
-            ok = finite_rows(x_g)
-            x_g = torch.where(ok.view(-1, 1, 1, 1), x_g.to(torch.float32), 0.0)
+            if samples:
+                x_g, labels, ok = samples[micro]
+            else:
+                with torch.no_grad(), self.autocast():
+                    x_g = self.generator_plain(z, labels, chain)
+                ok = finite_rows(x_g)
+                x_g = torch.where(ok.view(-1, 1, 1, 1), x_g.to(torch.float32), 0.0)
             sigma = self._fake_score_sigma(g, x_g.shape[0])
             noise = torch.randn(x_g.shape, generator=g, device=self.device)
             labels_f, drop = labels, None
@@ -399,11 +419,12 @@ class SiDLoop(TrainingLoop):
         clip = s.sida.fake_score_grad_clip if self.sida else None
         return self._optimizer_step(self.opt_f, self.fake_score, clip)
 
-    def _generator_update(self, stats: dict) -> torch.Tensor:
+    def _generator_update(self, stats: dict, samples: list | None = None) -> torch.Tensor:
         """One generator step: the SiD loss (SiDA: 0.5 lsg loss_sid + 0.5 lsg_gan loss_gan once the GAN term is on).
         A non-finite generated sample is masked out: the generator runs again with that sample's inputs zeroed, so
         no NaN enters the backward pass, and its loss is zero; a non-finite loss of a finite sample is zeroed and
-        its gradient stopped at x_g. Both are counted in nonfinite_samples."""
+        its gradient stopped at x_g. Both are counted in nonfinite_samples. ``samples``, when a list, receives
+        each micro-batch's (x_g detached in float32 with masked rows zeroed, labels, finite-row mask)."""
         cfg, s = self.cfg, self.cfg.sid
         gan_on = self.sida and self.cur_nimg >= s.sida.gan_start_kimg * 1000
         self._phase(train_fake_score=False)
@@ -420,6 +441,9 @@ class SiDLoop(TrainingLoop):
                     z = torch.where(m, z, 0.0)
                     chain = torch.where(m[None], chain, 0.0) if chain is not None else None
                     x_g = torch.where(m, self.generator(z, labels, chain).to(torch.float32), 0.0)
+                if samples is not None:
+                    samples.append((torch.where(ok.view(-1, 1, 1, 1), x_g.detach().to(torch.float32), 0.0), labels,
+                                    ok))
                 kw = dict(alpha=s.alpha, sigma=sigma, noise=noise, guidance_fake=s.guidance.eval_fake,
                           guidance_real=s.guidance.eval_real, score_grad=s.score_grad)
                 if self.sida:

@@ -35,14 +35,15 @@ def assert_timing(row):
 
 
 def test_bench_sid_step_smoke(tmp_path):
-    result, stdout = run_script("bench_sid_step", tmp_path, "--profile")
+    result, stdout = run_script("bench_sid_step", tmp_path, "--profile", "--reuse-samples")
     (preset,) = result["presets"]
     assert preset["preset"] == "tiny" and preset["batch"] == 2
-    assert set(preset["steps"]) == {"ours/fp32", "plain/fp32", "ours/bf16", "plain/bf16"}
+    assert set(preset["steps"]) == {f"{who}/{d}" for who in ("ours", "plain", "ours+reuse") for d in ("fp32", "bf16")}
     for row in preset["steps"].values():
         assert_timing(row)
     for dtype in ("fp32", "bf16"):
         assert preset["ratios"][f"ours_over_plain/{dtype}"] > 0
+        assert preset["ratios"][f"plain_over_ours_reuse/{dtype}"] > 0
         parts = preset["parts"][dtype]
         assert len(parts["parts"]) == 7 and parts["sum_ms"] > 0
         assert all(r["time_ms"] > 0 for r in parts["parts"].values())
@@ -50,7 +51,8 @@ def test_bench_sid_step_smoke(tmp_path):
         assert len(profile["top_ops"]) == 15 and profile["top_ops"][0]["cpu_ms_per_step"] > 0
         assert any(r["name"] == "sid::S4.kernel" for r in profile["labelled_ranges"])
     assert [r["dtype"] for r in result["summary"]] == ["fp32", "bf16"]
-    assert all(r["ours_images_per_s"] > 0 and r["plain_images_per_s"] > 0 for r in result["summary"])
+    assert all(r["ours_images_per_s"] > 0 and r["plain_images_per_s"] > 0 and r["ours_reuse_images_per_s"] > 0
+               for r in result["summary"])
     assert "ours/fp32" in stdout and "top ops by self CPU time" in stdout
 
 

@@ -240,6 +240,37 @@ def test_warmup_has_no_generator_update_and_fake_score_steps_per_generator_step(
     assert loop.ema.num_updates == 2  # the EMA follows generator updates only
 
 
+def test_reuse_samples_trains_the_fake_score_on_the_generator_updates_samples(tiny_teacher, tmp_path, monkeypatch):
+    import sid.train_sid as train_sid
+
+    loop = make_loop(tiny_teacher, tmp_path, "sid.sida.enabled=true", "sid.fake_score_warmup_kimg=0.008",
+                     "sid.fake_score_steps=2", "sid.reuse_samples=true")
+    events = []  # in call order: generator forwards (with or without grad) and the x_g of each fake-score update
+    loop.generator_net.register_forward_hook(
+        lambda m, args, out: events.append(("G", torch.is_grad_enabled(), out.detach().clone())))
+    fake_loss = train_sid.sida_fake_score_loss
+
+    def spy(net, x_g, *a, **k):
+        events.append(("F", x_g.clone()))
+        return fake_loss(net, x_g, *a, **k)
+    monkeypatch.setattr(train_sid, "sida_fake_score_loss", spy)
+    for _ in range(2):  # batch 8: the first step is the warm-up (fake score only)
+        loop.train_step()
+        loop.cur_nimg += loop.cfg.batch_size
+        loop.step += 1
+    assert [(e[0], e[1]) if e[0] == "G" else "F" for e in events] == [
+        ("G", False), "F", ("G", False), "F",  # warm-up: each fake-score update makes its own samples
+        ("G", True), "F", ("G", False), "F"]  # the generator update first; the first fake-score update reuses
+    torch.testing.assert_close(events[5][1], events[4][2], rtol=0, atol=0)
+    assert not torch.equal(events[7][1], events[4][2])  # the second update has fresh inputs
+    # The generator's optimizer step came between: its samples were made before the update, as DMD2's loop does.
+    loop.step = 1
+    with torch.no_grad():
+        g, z, labels, chain = loop._inputs(0, "generator")
+        after = loop.generator_plain(z, labels, chain)
+    assert after.shape == events[4][2].shape and not torch.equal(after, events[4][2])
+
+
 def test_lr_decay_follows_cur_nimg_for_both_networks(tiny_teacher, tmp_path):
     loop = make_loop(tiny_teacher, tmp_path, "sid.lr_generator=4e-5", "sid.lr_fake_score=2e-5",
                      "sid.lr_decay_kimg=0.008")
@@ -372,13 +403,14 @@ def test_power_ema_against_its_closed_form():
     assert ema.num_updates == 30
 
 
-def test_power_ema_and_sida_resume_exactly(tiny_teacher, tmp_path):
+@pytest.mark.parametrize("order", [[], ["sid.reuse_samples=true"]], ids=["sid-order", "reuse-samples"])
+def test_power_ema_and_sida_resume_exactly(tiny_teacher, tmp_path, order):
     from sid.cli import run
     from sid.runs import list_checkpoints, load_checkpoint
 
     args = ["sid.sida.enabled=true", "sid.sida.gan_start_kimg=0.016", "sid.fake_score_steps=2",
             "sid.fake_score_warmup_kimg=0.008", "ema.kind=power", "checkpoint_kimg=0.016", "snapshot_kimg=1",
-            "grid_seeds=2"]
+            "grid_seeds=2", *order]
 
     def cfg(run_dir, total, *extra):
         return load_config(SMOKE, [f"teacher={tiny_teacher}", "data.name=digits", f"run_dir={run_dir}",
