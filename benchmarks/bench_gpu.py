@@ -166,12 +166,13 @@ def sid_step_vs_plain(args, device: torch.device, tmp: str) -> dict:
     """Issue 16's step target (OURS at least 1.3x faster than PLAIN, same network and batch, fp32 and bf16): the
     real SiDLoop step eager and with ``compile: true`` against the inline PLAIN loop, interleaved, on the small
     preset at the main job's batch 32 (``--quick``: the tiny preset at batch 2, compiled with the ``eager`` backend,
-    which runs the same path without code generation). Returns bench_sid_step's per-preset result."""
+    which runs the same path without code generation), and the step with ``sid.reuse_samples`` (one generator
+    forward less, a different order of updates). Returns bench_sid_step's per-preset result."""
     q = dict(batch=args.vs_batch, warmup=args.warmup, repeats=args.repeats, parts_warmup=0, parts_repeats=0,
              profile_steps=0, budget_s=args.budget_s)
     ns = SimpleNamespace(plan={args.vs_preset: q}, dtypes=["fp32", "bf16"], compile=True,
                          compile_backend=args.vs_backend, plain_compile=False, compile_limit_s=args.compile_limit_s,
-                         profile=False)
+                         profile=False, reuse_samples=True)
     result = bench_preset(ns, args.vs_preset, device, tmp)
     print_preset(result)
     return result

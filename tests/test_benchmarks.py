@@ -203,8 +203,9 @@ def test_gpu_sh_runs_end_to_end_on_cpu(tmp_path):
     assert vs["preset"] == "tiny" and vs["batch"] == 2 and vs["compile"] is None
     for dtype in ("fp32", "bf16"):
         assert vs["ours_compile"][dtype]["ok"], vs["ours_compile"][dtype]
-        steps = {k: vs["steps"][f"{k}/{dtype}"]["time_ms"] for k in ("ours", "plain", "ours+compile")}
+        steps = {k: vs["steps"][f"{k}/{dtype}"]["time_ms"] for k in ("ours", "plain", "ours+compile", "ours+reuse")}
         assert vs["ratios"][f"plain_over_ours_compile/{dtype}"] == pytest.approx(steps["plain"] / steps["ours+compile"])
+        assert vs["ratios"][f"plain_over_ours_reuse/{dtype}"] == pytest.approx(steps["plain"] / steps["ours+reuse"])
         assert vs["ratios"][f"ours_over_plain/{dtype}"] == pytest.approx(steps["ours"] / steps["plain"])
     assert "gpu.sh: done" in proc.stdout
     bad = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), "--cpu", "--bogus"], cwd=ROOT,
