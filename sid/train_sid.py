@@ -347,7 +347,8 @@ class SiDLoop(TrainingLoop):
         if g_update and s.reuse_samples:
             # The order of DMD2's loop: the generator update comes first and keeps its samples (made before its
             # optimizer step), so the fake score's first update below needs no generator forward of its own.
-            bad += self._generator_step(stats, samples := [])
+            samples = []
+            bad += self._generator_update(stats, samples)
 
         # Update fake score, fake_score_steps times (fresh inputs each, or the generator phase's samples for the
         # first with sid.reuse_samples; the first has the phase name of plain SiD).
@@ -356,19 +357,9 @@ class SiDLoop(TrainingLoop):
                                            samples if j == 0 else None)
 
         if g_update and not s.reuse_samples:
-            bad += self._generator_step(stats)
+            bad += self._generator_update(stats)
         stats["nonfinite_grads"] = bad
         return stats
-
-    def _generator_step(self, stats: dict, samples: list | None = None) -> torch.Tensor:
-        """The generator update, then the EMA."""
-        stats["loss_generator"] = torch.zeros((), device=self.device)
-        if self.sida:
-            stats["loss_gan"] = torch.zeros((), device=self.device)
-        bad = self._generator_update(stats, samples)
-        self.ema.update(self.accelerator.unwrap_model(self.generator_net), self.cur_nimg - self.g_start_nimg,
-                        self.cfg.batch_size)
-        return bad
 
     def _fake_score_update(self, phase: str, stats: dict, n_updates: int, samples: list | None = None
                            ) -> torch.Tensor:
@@ -420,13 +411,16 @@ class SiDLoop(TrainingLoop):
         return self._optimizer_step(self.opt_f, self.fake_score, clip)
 
     def _generator_update(self, stats: dict, samples: list | None = None) -> torch.Tensor:
-        """One generator step: the SiD loss (SiDA: 0.5 lsg loss_sid + 0.5 lsg_gan loss_gan once the GAN term is on).
-        A non-finite generated sample is masked out: the generator runs again with that sample's inputs zeroed, so
-        no NaN enters the backward pass, and its loss is zero; a non-finite loss of a finite sample is zeroed and
-        its gradient stopped at x_g. Both are counted in nonfinite_samples. ``samples``, when a list, receives
-        each micro-batch's (x_g detached in float32 with masked rows zeroed, labels, finite-row mask)."""
+        """One generator step, then the EMA update: the SiD loss (SiDA: 0.5 lsg loss_sid + 0.5 lsg_gan loss_gan once
+        the GAN term is on). A non-finite generated sample is masked out: the generator runs again with that sample's
+        inputs zeroed, so no NaN enters the backward pass, and its loss is zero; a non-finite loss of a finite sample
+        is zeroed and its gradient stopped at x_g. Both are counted in nonfinite_samples. ``samples``, when a list,
+        receives each micro-batch's (x_g detached in float32 with masked rows zeroed, labels, finite-row mask)."""
         cfg, s = self.cfg, self.cfg.sid
         gan_on = self.sida and self.cur_nimg >= s.sida.gan_start_kimg * 1000
+        stats["loss_generator"] = torch.zeros((), device=self.device)
+        if self.sida:
+            stats["loss_gan"] = torch.zeros((), device=self.device)
         self._phase(train_fake_score=False)
         self.opt_g.zero_grad(set_to_none=True)
         for micro in range(cfg.accum_steps):
@@ -463,7 +457,10 @@ class SiDLoop(TrainingLoop):
             stats["loss_generator"] += torch.where(keep, loss_sid.detach().float(), 0.0).mean() / cfg.accum_steps
             if self.sida:
                 stats["loss_gan"] += torch.where(keep, loss_gan.detach().float(), 0.0).mean() / cfg.accum_steps
-        return self._optimizer_step(self.opt_g, self.generator_net)
+        bad = self._optimizer_step(self.opt_g, self.generator_net)
+        self.ema.update(self.accelerator.unwrap_model(self.generator_net), self.cur_nimg - self.g_start_nimg,
+                        cfg.batch_size)
+        return bad
 
     # State, grids, metrics, export.
 
