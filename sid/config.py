@@ -91,6 +91,8 @@ class SiDConfig:
     lr_generator: float = 1e-5  # Adam learning rate of the generator
     lr_fake_score: float = 1e-5  # Adam learning rate of the fake score
     lr_decay_kimg: float = 0.0  # both lrs / sqrt(max(kimg / lr_decay_kimg, 1)) (EDM2's decay); 0 = constant
+    lr_cooldown_kimg: float = 0.0  # > 0: the generator's lr falls linearly to 0 over the run's last this many kimg
+    lr_cooldown_fake_score: bool = False  # the fake score's lr cools down with the generator's
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])  # Adam betas of both networks
     betas_generator: list[float] | None = None  # Adam betas of the generator; null = sid.betas
     betas_fake_score: list[float] | None = None  # Adam betas of the fake score; null = sid.betas
@@ -363,6 +365,8 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
     _require(s.lr_fake_score > 0, f"config key 'sid.lr_fake_score' is {s.lr_fake_score}, expected a positive number")
     _require(s.lr_decay_kimg >= 0 and math.isfinite(s.lr_decay_kimg), f"config key 'sid.lr_decay_kimg' is "
              f"{s.lr_decay_kimg}, expected a number >= 0 (0 = constant learning rates)")
+    _require(s.lr_cooldown_kimg >= 0 and math.isfinite(s.lr_cooldown_kimg), f"config key 'sid.lr_cooldown_kimg' "
+             f"is {s.lr_cooldown_kimg}, expected a number >= 0 (0 = no cool-down)")
     _require(s.sigma_init > 0, f"config key 'sid.sigma_init' is {s.sigma_init}, expected a positive number")
     _require(s.P_std > 0 and math.isfinite(s.P_std), f"config key 'sid.P_std' is {s.P_std}, expected a positive "
              "number (the std of ln sigma in the fake score's EDM loss)")

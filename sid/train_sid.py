@@ -31,7 +31,7 @@ from .precond import EDMNetworkPrecond
 from .sampling import seed_labels, seed_latents
 from .teachers import DiffusersVPDenoiser, load_generator, load_teacher, save_generator
 from .teachers.autoguidance import AutoGuidedDenoiser, autoguidance_weight, main_network
-from .training import TrainingLoop, lr_factor, sanitize_gradients
+from .training import TrainingLoop, cooldown_factor, lr_factor, sanitize_gradients
 
 
 def teacher_reference(teacher_path: str, metric: str, num_samples: int, autoguidance: float = 1.0) -> dict | None:
@@ -230,6 +230,10 @@ class SiDLoop(TrainingLoop):
             self.log(f"schedule: {s.fake_score_steps} fake-score update(s) per generator update; generator updates "
                      f"from {self.g_start_nimg / 1000:g} kimg"
                      + ("; the generator update first, the fake score on its samples" if s.reuse_samples else ""))
+        if s.lr_cooldown_kimg > 0:
+            which = "generator's and the fake score's" if s.lr_cooldown_fake_score else "generator's"
+            self.log(f"learning rates: the {which} fall linearly from {max(cfg.total_kimg - s.lr_cooldown_kimg, 0):g} "
+                     f"kimg to 0 at {cfg.total_kimg:g} kimg")
         e = cfg.ema
         if e.kind == "power":
             self.ema = PowerEMA(unwrap(self.generator_net), e.sigma_rel)
@@ -334,11 +338,13 @@ class SiDLoop(TrainingLoop):
         stats = {k: zero() for k in ("loss_fake_score", "nonfinite_samples")}
         if self.sida:
             stats["loss_discriminator"] = zero()
-        if s.lr_decay_kimg > 0:  # a pure function of cur_nimg, so resume and longer runs follow one schedule
+        if s.lr_decay_kimg > 0 or s.lr_cooldown_kimg > 0:  # pure functions of cur_nimg (and the run length)
             factor = lr_factor(self.cur_nimg, 0.0, s.lr_decay_kimg)
+            cool = cooldown_factor(self.cur_nimg, cfg.total_kimg, s.lr_cooldown_kimg)
+            factors = {"generator": factor * cool, "fake_score": factor * (cool if s.lr_cooldown_fake_score else 1.0)}
             for opt, network in ((self.opt_g, "generator"), (self.opt_f, "fake_score")):
                 for group in opt.param_groups:
-                    group["lr"] = getattr(s, f"lr_{network}") * factor
+                    group["lr"] = getattr(s, f"lr_{network}") * factors[network]
         # Dropout (e.g. in copies of EDM teachers) draws from the global RNG: seed it per step for exact resume.
         torch.manual_seed(rng.derive_seed(cfg.seed, self.step, self.rank, "dropout"))
 

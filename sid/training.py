@@ -399,6 +399,15 @@ class TrainingLoop:
         return " | ".join(parts)
 
 
+def cooldown_factor(cur_nimg: int, total_kimg: float, cooldown_kimg: float) -> float:
+    """Learning-rate multiplier of a cool-down: 1 until ``cooldown_kimg`` before ``total_kimg``, then falling
+    linearly to 0 at ``total_kimg`` (the last phase of a warm-up-stable-decay schedule); 1 when ``cooldown_kimg`` is
+    0. A pure function of ``cur_nimg`` and the run length, so a stopped-and-resumed run follows it exactly."""
+    if cooldown_kimg <= 0:
+        return 1.0
+    return min(max((total_kimg - cur_nimg / 1000) / cooldown_kimg, 0.0), 1.0)
+
+
 def lr_factor(cur_nimg: int, warmup_kimg: float, decay_kimg: float) -> float:
     """Learning-rate multiplier: linear warm-up over ``warmup_kimg``, then EDM2's inverse-square-root decay
     ``1 / sqrt(max(kimg / decay_kimg, 1))`` when ``decay_kimg > 0``. Depends only on ``cur_nimg`` (not on the run

@@ -285,6 +285,29 @@ def test_lr_decay_follows_cur_nimg_for_both_networks(tiny_teacher, tmp_path):
     assert loop.opt_g.param_groups[0]["lr"] == pytest.approx(4e-5 / 3)
 
 
+@pytest.mark.parametrize("with_fake_score", [False, True])
+def test_lr_cooldown_falls_to_zero_at_the_end_of_the_run(tiny_teacher, tmp_path, with_fake_score):
+    # total_kimg 0.064 with a 0.032 kimg cool-down: full rate until 32 images, then linear to 0 at 64.
+    loop = make_loop(tiny_teacher, tmp_path, "total_kimg=0.064", "sid.lr_generator=4e-5", "sid.lr_fake_score=2e-5",
+                     "sid.lr_cooldown_kimg=0.032", f"sid.lr_cooldown_fake_score={str(with_fake_score).lower()}")
+    seen = []
+    for nimg in (0, 32, 48, 56):
+        loop.cur_nimg = nimg
+        loop.train_step()
+        seen += [loop.opt_g.param_groups[0]["lr"], loop.opt_f.param_groups[0]["lr"]]
+    fake = [2e-5, 2e-5, 1e-5, 5e-6] if with_fake_score else [2e-5] * 4
+    assert seen == pytest.approx([r for pair in zip([4e-5, 4e-5, 2e-5, 1e-5], fake) for r in pair])
+
+
+def test_cooldown_factor_is_linear_and_clamped():
+    from sid.training import cooldown_factor
+
+    assert cooldown_factor(5_000, 14, 0) == 1.0  # off
+    assert [cooldown_factor(n, 14, 7) for n in (0, 7_000, 10_500, 14_000, 20_000)] == pytest.approx(
+        [1.0, 1.0, 0.5, 0.0, 0.0])
+    assert cooldown_factor(0, 2, 7) == pytest.approx(2 / 7)  # a cool-down longer than the run starts below 1
+
+
 def test_nan_sample_is_masked_per_sample(tiny_teacher, tmp_path):
     # Non-default fake-score noise (the mnist5k configs' kind): the reference below draws sigma from the config, so
     # a loop that ignored sid.P_mean / sid.P_std would fail here too.
@@ -447,6 +470,7 @@ def test_power_ema_and_sida_resume_exactly(tiny_teacher, tmp_path, order):
 @pytest.mark.parametrize("args, message", [
     (["sid.fake_score_steps=0"], "config key 'sid.fake_score_steps' is 0, expected a positive integer"),
     (["sid.lr_decay_kimg=-1"], "config key 'sid.lr_decay_kimg' is -1.0, expected a number >= 0"),
+    (["sid.lr_cooldown_kimg=-2"], "config key 'sid.lr_cooldown_kimg' is -2.0, expected a number >= 0"),
     (["ema.kind=power", "ema.export=2"], "config key 'ema.export' is '2', expected best or an index"),
     (["ema.sigma_rel=[0.5]"], "config key 'ema.sigma_rel' is [0.5], expected one or more numbers in (0, 0.2887]"),
     (["sid.betas_fake_score=[0.9]"], "config key 'sid.betas_fake_score' is [0.9], expected two numbers"),
