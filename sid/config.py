@@ -367,6 +367,8 @@ def validate(cfg: Config, num_processes: int = 1) -> None:
              f"{s.lr_decay_kimg}, expected a number >= 0 (0 = constant learning rates)")
     _require(s.lr_cooldown_kimg >= 0 and math.isfinite(s.lr_cooldown_kimg), f"config key 'sid.lr_cooldown_kimg' "
              f"is {s.lr_cooldown_kimg}, expected a number >= 0 (0 = no cool-down)")
+    _require(not s.lr_cooldown_fake_score or s.lr_cooldown_kimg > 0, "config key 'sid.lr_cooldown_fake_score' is "
+             "true but sid.lr_cooldown_kimg is 0; set sid.lr_cooldown_kimg to the cool-down's length in kimg")
     _require(s.sigma_init > 0, f"config key 'sid.sigma_init' is {s.sigma_init}, expected a positive number")
     _require(s.P_std > 0 and math.isfinite(s.P_std), f"config key 'sid.P_std' is {s.P_std}, expected a positive "
              "number (the std of ln sigma in the fake score's EDM loss)")

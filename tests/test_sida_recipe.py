@@ -471,6 +471,7 @@ def test_power_ema_and_sida_resume_exactly(tiny_teacher, tmp_path, order):
     (["sid.fake_score_steps=0"], "config key 'sid.fake_score_steps' is 0, expected a positive integer"),
     (["sid.lr_decay_kimg=-1"], "config key 'sid.lr_decay_kimg' is -1.0, expected a number >= 0"),
     (["sid.lr_cooldown_kimg=-2"], "config key 'sid.lr_cooldown_kimg' is -2.0, expected a number >= 0"),
+    (["sid.lr_cooldown_fake_score=true"], "config key 'sid.lr_cooldown_fake_score' is true but sid.lr_cooldown_kimg"),
     (["ema.kind=power", "ema.export=2"], "config key 'ema.export' is '2', expected best or an index"),
     (["ema.sigma_rel=[0.5]"], "config key 'ema.sigma_rel' is [0.5], expected one or more numbers in (0, 0.2887]"),
     (["sid.betas_fake_score=[0.9]"], "config key 'sid.betas_fake_score' is [0.9], expected two numbers"),
